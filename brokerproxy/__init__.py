@@ -1,0 +1,8 @@
+"""brokerproxy: a RESP proxy in front of Redis for Celery and Airflow."""
+
+__version__ = "0.1.0"
+
+from .config import Config, load  # noqa: E402
+from .server import Server  # noqa: E402
+
+__all__ = ["Config", "Server", "__version__", "load"]

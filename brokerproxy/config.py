@@ -1,0 +1,302 @@
+"""Configuration: frozen dataclasses, validated up front, inert (no sockets or files opened here).
+
+Sources, lowest precedence first: defaults, the TOML file (``--config``), ``BROKERPROXY_<KEY>`` environment
+variables, command-line flags. Every error names the key (``limits.max_bulk_length``) and says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+from urllib.parse import unquote, urlsplit
+
+from . import resp
+from .errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:6380"
+DEFAULT_UPSTREAM = "redis://127.0.0.1:6379/0"
+DEFAULT_LOG_LEVEL = "info"
+#: Seconds a SIGTERM drain may take before what is left is closed.
+DEFAULT_DRAIN_TIMEOUT = 30.0
+#: Seconds to wait for Redis to accept a connection.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Bytes waiting to be written to one side before reading from the other side pauses (per connection).
+DEFAULT_WRITE_BUFFER_HIGH_WATER = 1024 * 1024
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ENV_PREFIX = "BROKERPROXY_"
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class Upstream:
+    host: str
+    port: int
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def handshake(self) -> list[list[bytes]]:
+        """The commands the proxy sends first on every upstream connection; their replies are swallowed."""
+        cmds: list[list[bytes]] = []
+        if self.password is not None:
+            auth = [b"AUTH"]
+            if self.username:
+                auth.append(self.username.encode())
+            cmds.append(auth + [self.password.encode()])
+        if self.db:
+            cmds.append([b"SELECT", str(self.db).encode()])
+        return cmds
+
+    def __str__(self) -> str:  # never shows the password
+        who = f"{self.username}@" if self.username else ""
+        return f"redis://{who}{self.host}:{self.port}/{self.db}"
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    # SHA-256 digests of the user's passwords; several at once allow rotation.
+    password_hashes: tuple[bytes, ...] = field(repr=False)
+    enabled: bool = True
+
+
+class Users:
+    """The proxy's own users, checked in constant time. Implements ``session.Authenticator``."""
+
+    def __init__(self, users: tuple[User, ...]) -> None:
+        self._users = {u.name.encode(): u for u in users}
+
+    @property
+    def required(self) -> bool:
+        return bool(self._users)
+
+    def check(self, username: bytes, password: bytes) -> str | None:
+        digest = hashlib.sha256(password).digest()
+        user = self._users.get(username)
+        # Compare against every hash, and a dummy when the user is unknown, so timing says nothing.
+        hashes = user.password_hashes if user is not None else (b"\0" * 32,)
+        ok = False
+        for h in hashes:
+            ok |= hmac.compare_digest(digest, h)
+        if user is None or not user.enabled or not ok:
+            return None
+        return user.name
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Address
+    upstream: Upstream
+    log_level: str = DEFAULT_LOG_LEVEL
+    protected_mode: bool = True
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    limits: resp.Limits = resp.Limits()
+    write_buffer_high_water: int = DEFAULT_WRITE_BUFFER_HIGH_WATER
+    users: tuple[User, ...] = ()
+
+    def authenticator(self) -> Users:
+        return Users(self.users)
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+
+#: Top-level scalar keys: name → (parser, default). Each is also a flag and a BROKERPROXY_<NAME> variable.
+def parse_address(key: str, value: Any) -> Address:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected HOST:PORT as a string, got {type(value).__name__}")
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host:
+        raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise ConfigError(key, f"port {port!r} is not a number") from None
+    if not 0 <= port_n <= 65535:
+        raise ConfigError(key, f"port {port_n} is out of range 0-65535")
+    return Address(host, port_n)
+
+
+def parse_upstream(key: str, value: Any) -> Upstream:
+    if not isinstance(value, str):
+        raise ConfigError(key, "expected a URL such as redis://user:pass@host:6379/0")
+    parts = urlsplit(value)
+    if parts.scheme == "rediss":
+        raise ConfigError(key, "rediss:// (TLS to Redis) is not supported yet; use redis://")
+    if parts.scheme != "redis":
+        raise ConfigError(key, f"unsupported scheme {parts.scheme!r}; expected redis://host:port/db")
+    try:
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+    if not parts.hostname:
+        raise ConfigError(key, "the URL has no host")
+    path = parts.path.strip("/")
+    try:
+        db = int(path) if path else 0
+    except ValueError:
+        raise ConfigError(key, f"database {path!r} is not a number") from None
+    if db < 0:
+        raise ConfigError(key, "database must be >= 0")
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    if username and password is None:
+        password, username = username, None  # redis://secret@host means a password, as redis-py reads it
+    return Upstream(parts.hostname, port, db, username, password)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("yes", "true", "1", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("no", "false", "0", "off"):
+        return False
+    raise ConfigError(key, f"expected true/false (or yes/no), got {value!r}")
+
+
+def _positive(kind: type) -> Any:
+    def parse(key: str, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(key, f"expected a positive number, got {value!r}")
+        try:
+            n = kind(value)
+        except ValueError:
+            raise ConfigError(key, f"expected a positive number, got {value!r}") from None
+        if n <= 0:
+            raise ConfigError(key, f"must be > 0, got {value!r}")
+        return n
+
+    return parse
+
+
+def _log_level(key: str, value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+        raise ConfigError(key, f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.lower()
+
+
+SCALARS: dict[str, Any] = {
+    "listen": parse_address,
+    "upstream": parse_upstream,
+    "log_level": _log_level,
+    "protected_mode": _bool,
+    "drain_timeout": _positive(float),
+    "connect_timeout": _positive(float),
+    "write_buffer_high_water": _positive(int),
+}
+LIMIT_KEYS = tuple(f.name for f in fields(resp.Limits))
+
+
+def _users(raw: Any) -> tuple[User, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("users", "expected an array of tables ([[users]])")
+    out: list[User] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(raw):
+        key = f"users[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(key, "expected a table with name and passwords")
+        unknown = set(entry) - {"name", "passwords", "password_sha256", "enabled"}
+        if unknown:
+            raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown key")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name or " " in name:
+            raise ConfigError(f"{key}.name", "expected a non-empty name without spaces")
+        if name in seen:
+            raise ConfigError(f"{key}.name", f"user {name!r} is defined twice")
+        seen.add(name)
+        hashes: list[bytes] = []
+        for pw in _str_list(f"{key}.passwords", entry.get("passwords", [])):
+            hashes.append(hashlib.sha256(pw.encode()).digest())
+        for hx in _str_list(f"{key}.password_sha256", entry.get("password_sha256", [])):
+            try:
+                digest = bytes.fromhex(hx)
+            except ValueError:
+                digest = b""
+            if len(digest) != 32:
+                raise ConfigError(f"{key}.password_sha256", "expected 64 hex digits (a SHA-256 digest)")
+            hashes.append(digest)
+        if not hashes:
+            raise ConfigError(f"{key}.passwords", f"user {name!r} has no password")
+        out.append(User(name, tuple(hashes), _bool(f"{key}.enabled", entry.get("enabled", True))))
+    return tuple(out)
+
+
+def _str_list(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, "expected an array of strings")
+    return value
+
+
+def load(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the Config from a TOML file, the environment and flag overrides (None values are ignored)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    known = set(SCALARS) | {"limits", "users"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(key, "unknown key")
+    values: dict[str, Any] = {k: raw[k] for k in SCALARS if k in raw}
+    for key in SCALARS:
+        var = ENV_PREFIX + key.upper()
+        if env and var in env:
+            values[key] = env[var]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    values.setdefault("listen", DEFAULT_LISTEN)
+    values.setdefault("upstream", DEFAULT_UPSTREAM)
+    parsed = {key: SCALARS[key](key, value) for key, value in values.items()}
+
+    limits_raw = raw.get("limits", {})
+    if not isinstance(limits_raw, dict):
+        raise ConfigError("limits", "expected a table")
+    for key in limits_raw:
+        if key not in LIMIT_KEYS:
+            raise ConfigError(f"limits.{key}", "unknown key")
+    limits = resp.Limits(**{k: _positive(int)(f"limits.{k}", v) for k, v in limits_raw.items()})
+    users = _users(raw.get("users", []))
+
+    cfg = Config(limits=limits, users=users, **parsed)
+    if cfg.protected_mode and not users and not cfg.listen.is_loopback:
+        raise ConfigError(
+            "protected_mode",
+            f"refusing to listen on non-loopback {cfg.listen} with no users configured: add [[users]], or set "
+            "protected_mode = false to accept unauthenticated clients from the network",
+        )
+    return cfg

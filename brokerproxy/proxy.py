@@ -1,0 +1,299 @@
+"""Asyncio glue for one client connection and its pinned upstream connection.
+
+This layer only moves bytes and carries out the session's actions: open the upstream connection, write, pause
+and resume reading for backpressure, close, and hand requeues to the server. Every decision is in ``session``.
+
+Teardown, the part that keeps messages safe:
+
+* client gone, no pop outstanding: close the upstream connection;
+* client gone with a pop outstanding: half-close upstream (Redis then unblocks a waiting pop without taking
+  anything) and read to the end, so an element Redis already sent is not dropped; the session turns it into a
+  requeue;
+* pop replies the client's transport still held unsent when it died are requeued too;
+* upstream gone: close the client (never reconnect a stateful connection behind its back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, cast
+
+from . import resp
+from .errors import ProtocolError
+from .session import AuthFailed, Close, OpenUpstream, Session, UpstreamFailed
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("brokerproxy.proxy")
+
+
+class _UpstreamProtocol(asyncio.Protocol):
+    """Forwards upstream events to the client connection that owns it."""
+
+    def __init__(self, owner: ClientConnection) -> None:
+        self.owner = owner
+
+    def data_received(self, data: bytes) -> None:
+        self.owner.upstream_data(data)
+
+    def eof_received(self) -> bool | None:
+        return False  # let the transport close; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.owner.pause_client_reading("upstream")
+
+    def resume_writing(self) -> None:
+        self.owner.resume_client_reading("upstream")
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.session: Session
+        self.transport: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self._pending_up = bytearray()  # requests written before the upstream connection is up
+        self._connecting: asyncio.Task[None] | None = None
+        self._upstream_error: str | None = None
+        self._client_closed = False
+        self._draining_upstream = False  # half-closed after the client left, reading to the end
+        self._paused_by: set[str] = set()
+        self._close_after_flush = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._upstream_paused = False
+        self.peer = "?"
+
+    # ------------------------------------------------------------------------ client transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.server.config.write_buffer_high_water)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        cfg = self.server.config
+        self.session = Session(
+            self.server.authenticator,
+            upstream_handshake=cfg.upstream.handshake(),
+            limits=cfg.limits,
+        )
+        self.server.connection_opened(self)
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        if self._upstream_error is not None:
+            self._fail_upstream(self._upstream_error)
+            return
+        self.session.from_client(data)
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client_closed = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        transport = self.transport
+        unsent = transport.get_write_buffer_size() if transport is not None else 0
+        requeue = self.session.undelivered(unsent) if unsent else []
+        outstanding_pop = self.session.client_gone()
+        if requeue:
+            self.server.requeue(requeue, "client gone before the reply was sent")
+        up = self.upstream
+        if up is not None and not up.is_closing() and outstanding_pop:
+            self._draining_upstream = True
+            if up.can_write_eof():
+                up.write_eof()
+            if self._upstream_paused:
+                up.resume_reading()
+            self.server.track_orphan(self)
+        else:
+            self._close_upstream()
+            self.server.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        # The client reads slower than Redis answers: stop reading Redis until it catches up.
+        if self.upstream is not None and not self._upstream_paused:
+            self.upstream.pause_reading()
+            self._upstream_paused = True
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self._upstream_paused:
+            self.upstream.resume_reading()
+            self._upstream_paused = False
+        self._note_delivered()
+
+    # ------------------------------------------------------------------------ upstream
+
+    def _open_upstream(self) -> None:
+        if self.upstream is not None or self._connecting is not None:
+            return
+        self._connecting = self.server.spawn(self._connect(), f"upstream connect {self.peer}")
+
+    async def _connect(self) -> None:
+        up = self.server.config.upstream
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _UpstreamProtocol(self), up.host, up.port),
+                self.server.config.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            self.server.stats.upstream_connect_failures += 1
+            log.warning("upstream connect failed", extra={"peer": self.peer, "upstream": str(up), "error": reason})
+            self._connecting = None
+            if self._client_closed:
+                self.server.connection_closed(self)
+                return
+            self._upstream_error = reason
+            if self.session.pending:
+                self._fail_upstream(reason)
+            return
+        self._connecting = None
+        if self._client_closed:
+            transport.close()
+            self.server.connection_closed(self)
+            return
+        transport.set_write_buffer_limits(high=self.server.config.write_buffer_high_water)
+        self.upstream = transport
+        if self._pending_up:
+            transport.write(bytes(self._pending_up))
+            self._pending_up.clear()
+        self.resume_client_reading("connect")
+
+    def upstream_data(self, data: bytes) -> None:
+        try:
+            self.session.from_upstream(data)
+        except ProtocolError as exc:
+            log.error("protocol error from upstream", extra={"peer": self.peer, "error": str(exc)})
+            self.server.stats.upstream_protocol_errors += 1
+            self._close_both()
+            return
+        if self._draining_upstream:
+            requeue = self.session.take_requeues()
+            if requeue:
+                self.server.requeue(requeue, "client gone while a pop was outstanding")
+            return
+        self._pump()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self.upstream = None
+        if self._draining_upstream:
+            self._draining_upstream = False
+            self.server.untrack_orphan(self)
+            self.server.connection_closed(self)
+            return
+        if not self._client_closed and self.transport is not None:
+            # Redis went away under a live connection: close the client cleanly so it reconnects.
+            if not self.session.closing:
+                log.info("upstream closed, closing client", extra={"peer": self.peer})
+            self.transport.close()
+
+    def _close_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+        if self._connecting is not None:
+            self._connecting.cancel()
+
+    def _close_both(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self._close_upstream()
+
+    def _fail_upstream(self, reason: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(resp.error(f"ERR upstream unavailable: {reason}"))
+            self.transport.close()
+
+    # ------------------------------------------------------------------------ carrying out the session's actions
+
+    def _pump(self) -> None:
+        session = self.session
+        transport = self.transport
+        assert transport is not None
+        out = session.take_client()
+        if out:
+            transport.write(out)
+            self._note_delivered()
+        up = session.take_upstream()
+        if up:
+            if self.upstream is not None:
+                self.upstream.write(up)
+            else:
+                self._pending_up += up
+                if len(self._pending_up) > self.server.config.write_buffer_high_water:
+                    self.pause_client_reading("connect")
+        if self._close_after_flush and session.pending == 0:
+            transport.close()
+        for event in session.take_events():
+            if isinstance(event, OpenUpstream):
+                self._open_upstream()
+            elif isinstance(event, Close):
+                if event.reason.startswith("protocol error"):
+                    self.server.stats.protocol_errors += 1
+                    log.info("client protocol error", extra={"peer": self.peer, "error": event.reason})
+                transport.pause_reading()
+                self._close_when_flushed()
+            elif isinstance(event, UpstreamFailed):
+                self.server.stats.upstream_connect_failures += 1
+                log.error("upstream refused the proxy's handshake", extra={"error": event.reason})
+                self._fail_upstream(event.reason)
+            elif isinstance(event, AuthFailed):
+                self.server.stats.auth_failures += 1
+                log.info("client auth failed", extra={"peer": self.peer, "user": event.username})
+
+    def _note_delivered(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            self.session.delivered(self.session.written - transport.get_write_buffer_size())
+
+    def _close_when_flushed(self) -> None:
+        """Close once the replies owed ahead of the close point have gone out (they may still come from Redis),
+        within the drain timeout."""
+        assert self.transport is not None
+        if self.session.pending == 0 or self.upstream is None:
+            self.transport.close()  # asyncio flushes the write buffer before closing
+            return
+        self._close_after_flush = True
+        loop = asyncio.get_running_loop()
+        self._close_timer = loop.call_later(self.server.config.drain_timeout, self.transport.close)
+
+    # ------------------------------------------------------------------------ backpressure
+
+    def pause_client_reading(self, why: str) -> None:
+        if not self._paused_by and self.transport is not None and not self._client_closed:
+            self.transport.pause_reading()
+        self._paused_by.add(why)
+
+    def resume_client_reading(self, why: str) -> None:
+        self._paused_by.discard(why)
+        if not self._paused_by and self.transport is not None and not self._client_closed:
+            if not self.session.closing and not self.server.draining:
+                self.transport.resume_reading()
+
+    # ------------------------------------------------------------------------ drain
+
+    def drain(self) -> None:
+        """SIGTERM: take no new requests; let Redis finish what it has (a blocked pop ends without taking an
+        element when it sees the half-close), deliver those replies, then close."""
+        if self._client_closed or self.transport is None:
+            return
+        self.transport.pause_reading()
+        if self.upstream is None:
+            self._close_both()
+        elif self.upstream.can_write_eof():
+            self.upstream.write_eof()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        if self.upstream is not None:
+            self.upstream.abort()

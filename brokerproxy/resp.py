@@ -1,0 +1,446 @@
+"""Sans-IO RESP2/RESP3 framing, and the encoders for the replies the proxy makes itself.
+
+Theory of operation
+-------------------
+The proxy forwards the bytes it received; it never re-encodes a client's request or Redis's reply unless it has
+to change it. So this module *frames*: it finds where each request or reply ends, and hands back the original
+bytes of that frame.
+
+* ``RequestParser`` frames what clients send: multibulk requests (``*N\\r\\n$len\\r\\narg\\r\\n…``) and inline
+  commands (``PING\\r\\n``, as redis-cli and telnet send them). Each request comes out as its argument list plus its
+  raw bytes. Violations raise ``ProtocolError`` with Redis's own message; the caller answers
+  ``-ERR Protocol error: …`` and closes that connection.
+* ``ReplyParser`` frames what Redis sends: every RESP2 and RESP3 type. An attribute (``|``) is framed together
+  with the value it annotates, since it is not a reply by itself. Push frames (``>``) are reported as such.
+* ``decode`` turns one framed reply into Python values, for the few replies the proxy has to read (a pop's
+  ``[key, element]``, a subscribe confirmation).
+
+Both parsers are fed bytes in any split (one byte at a time included) and keep partial frames until the rest
+arrives. They consume their buffer from an offset and compact it rarely, so a pipeline of many small frames is
+not copied once per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from .errors import ProtocolError
+
+# Named limits, with Redis's own as precedent.
+#: Redis ``proto-max-bulk-len`` default: 512 MB.
+DEFAULT_MAX_BULK_LENGTH = 512 * 1024 * 1024
+#: Redis accepts up to INT_MAX arguments; a Python proxy holding a list that long is a memory attack, and no
+#: client of this proxy sends more than a few thousand (BRPOP over every queue). 1 Mi arguments.
+DEFAULT_MAX_ARRAY_LENGTH = 1024 * 1024
+#: Redis ``PROTO_INLINE_MAX_SIZE``: 64 KB for an inline command or a multibulk header line.
+DEFAULT_MAX_INLINE_LENGTH = 64 * 1024
+#: Redis ``client-query-buffer-limit`` default: 1 GB of unparsed request bytes per connection.
+DEFAULT_MAX_BUFFERED_BYTES = 1024 * 1024 * 1024
+
+# Compact the consumed prefix of a buffer once it passes this many bytes.
+_COMPACT_AT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_bulk_length: int = DEFAULT_MAX_BULK_LENGTH
+    max_array_length: int = DEFAULT_MAX_ARRAY_LENGTH
+    max_inline_length: int = DEFAULT_MAX_INLINE_LENGTH
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES
+
+
+class Request:
+    """One framed client request: its arguments and the exact bytes it arrived as."""
+
+    __slots__ = ("args", "raw", "name")
+
+    def __init__(self, args: list[bytes], raw: bytes) -> None:
+        self.args = args
+        self.raw = raw
+        # Lower-cased command name as str: the key into the command table.
+        self.name = args[0].decode("latin-1").lower() if args else ""
+
+    def __repr__(self) -> str:
+        return f"Request({self.args!r})"
+
+
+class RequestParser:
+    """Frames client requests. ``feed()`` bytes, then call ``next()`` until it returns None."""
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._limits = limits
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        if self._pos >= _COMPACT_AT:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+        if len(self._buf) - self._pos > self._limits.max_buffered_bytes:
+            raise ProtocolError("client query buffer exceeds the limit")
+
+    def next(self) -> Request | None:
+        """The next complete request, or None if the buffer holds no complete one."""
+        while True:
+            buf = self._buf
+            pos = self._pos
+            if pos >= len(buf):
+                return None
+            if buf[pos] == 0x2A:  # '*'
+                return self._multibulk(buf, pos)
+            req = self._inline(buf, pos)
+            if req is None or req.args:
+                return req
+            # An empty inline line is ignored, as Redis does: look at what follows.
+
+    def _multibulk(self, buf: bytearray, pos: int) -> Request | None:
+        limits = self._limits
+        nl = buf.find(b"\r\n", pos)
+        if nl < 0:
+            if len(buf) - pos > limits.max_inline_length:
+                raise ProtocolError("too big mbulk count string")
+            return None
+        try:
+            count = int(buf[pos + 1 : nl])
+        except ValueError:
+            raise ProtocolError("invalid multibulk length") from None
+        if count > limits.max_array_length:
+            raise ProtocolError("invalid multibulk length")
+        cur = nl + 2
+        if count <= 0:
+            # Redis answers nothing to '*0' or '*-1' and moves on; so does the proxy (an empty request).
+            self._pos = cur
+            return Request([], bytes(buf[pos:cur]))
+        args: list[bytes] = []
+        end = len(buf)
+        for _ in range(count):
+            if cur >= end:
+                return None
+            if buf[cur] != 0x24:  # '$'
+                raise ProtocolError(f"expected '$', got '{chr(buf[cur])}'")
+            nl = buf.find(b"\r\n", cur)
+            if nl < 0:
+                if end - cur > limits.max_inline_length:
+                    raise ProtocolError("too big bulk count string")
+                return None
+            try:
+                size = int(buf[cur + 1 : nl])
+            except ValueError:
+                raise ProtocolError("invalid bulk length") from None
+            if size < 0 or size > limits.max_bulk_length:
+                raise ProtocolError("invalid bulk length")
+            start = nl + 2
+            stop = start + size
+            if stop + 2 > end:
+                return None
+            if buf[stop : stop + 2] != b"\r\n":
+                raise ProtocolError("bulk string not terminated by CRLF")
+            args.append(bytes(buf[start:stop]))
+            cur = stop + 2
+        self._pos = cur
+        return Request(args, bytes(buf[pos:cur]))
+
+    def _inline(self, buf: bytearray, pos: int) -> Request | None:
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            if len(buf) - pos > self._limits.max_inline_length:
+                raise ProtocolError("too big inline request")
+            return None
+        if nl - pos > self._limits.max_inline_length:
+            raise ProtocolError("too big inline request")
+        line = bytes(buf[pos:nl])
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        self._pos = nl + 1
+        args = split_inline(line)
+        if len(args) > self._limits.max_array_length:
+            raise ProtocolError("invalid multibulk length")
+        # Inline requests are forwarded re-encoded as multibulk: the canonical form every Redis accepts.
+        return Request(args, encode_command(args) if args else b"")
+
+
+_HEX = b"0123456789abcdefABCDEF"
+_ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b", ord("a"): b"\a"}
+
+
+def split_inline(line: bytes) -> list[bytes]:
+    """Split an inline command the way Redis's ``sdssplitargs`` does: spaces, "double" quotes with escapes
+    (``\\n``, ``\\xHH``…), 'single' quotes with only ``\\'``. A closing quote must be followed by a space."""
+    args: list[bytes] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] in b" \t\n\r\v\f":
+            i += 1
+        if i >= n:
+            return args
+        cur = bytearray()
+        in_dq = in_sq = False
+        while True:
+            if in_dq:
+                if i >= n:
+                    raise ProtocolError("unbalanced quotes in request")
+                c = line[i]
+                if c == 0x5C and i + 3 < n and line[i + 1] == 0x78 and line[i + 2] in _HEX and line[i + 3] in _HEX:
+                    cur.append(int(line[i + 2 : i + 4], 16))
+                    i += 3
+                elif c == 0x5C and i + 1 < n:
+                    i += 1
+                    cur += _ESCAPES.get(line[i], bytes((line[i],)))
+                elif c == 0x22:
+                    if i + 1 < n and line[i + 1] not in b" \t\n\r\v\f":
+                        raise ProtocolError("unbalanced quotes in request")
+                    in_dq = False
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            elif in_sq:
+                if i >= n:
+                    raise ProtocolError("unbalanced quotes in request")
+                c = line[i]
+                if c == 0x5C and i + 1 < n and line[i + 1] == 0x27:
+                    i += 1
+                    cur.append(0x27)
+                elif c == 0x27:
+                    if i + 1 < n and line[i + 1] not in b" \t\n\r\v\f":
+                        raise ProtocolError("unbalanced quotes in request")
+                    in_sq = False
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            else:
+                if i >= n:
+                    break
+                c = line[i]
+                if c in b" \t\n\r\v\f":
+                    break
+                if c == 0x22:
+                    in_dq = True
+                elif c == 0x27:
+                    in_sq = True
+                else:
+                    cur.append(c)
+            i += 1
+        args.append(bytes(cur))
+
+
+# ---------------------------------------------------------------------------------------------------- replies
+
+#: Frame kinds ReplyParser reports.
+REPLY = 0
+PUSH = 1
+
+_LINE_TYPES = frozenset(b"+-:_,#(")  # one line: simple, error, integer, null, double, boolean, big number
+_BULK_TYPES = frozenset(b"$!=")  # length-prefixed: bulk, blob error, verbatim
+_AGG_TYPES = frozenset(b"*~>")  # N elements: array, set, push
+_MAP_TYPES = frozenset(b"%|")  # N pairs: map, attribute
+
+
+class ReplyParser:
+    """Frames replies from Redis. ``feed()`` bytes, then call ``next()`` until it returns None.
+
+    ``next()`` returns ``(kind, raw)`` with kind ``REPLY`` or ``PUSH``. An attribute frame is returned together
+    with the value that follows it, as one ``REPLY`` (or ``PUSH``) frame.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        if self._pos >= _COMPACT_AT:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next(self) -> tuple[int, bytes] | None:
+        buf = self._buf
+        start = self._pos
+        try:
+            end = _skip(buf, start, len(buf))
+        except ValueError:
+            raise ProtocolError("malformed length in reply from upstream") from None
+        if end < 0:
+            return None
+        self._pos = end
+        # Skip attributes to find the kind of the value they annotate.
+        first = start
+        while buf[first] == 0x7C:  # '|'
+            first = _skip_one(buf, first, end)
+        kind = PUSH if buf[first] == 0x3E else REPLY
+        return kind, bytes(buf[start:end])
+
+
+def _skip_one(buf: bytearray, pos: int, end: int) -> int:
+    """End offset of the one frame starting at pos (an attribute is one frame here), or -1 if incomplete."""
+    # Iterative: a stack of how many frames are still owed at each open aggregate level.
+    owed = 1
+    stack: list[int] = []
+    while True:
+        if pos >= end:
+            return -1
+        t = buf[pos]
+        nl = buf.find(b"\r\n", pos)
+        if nl < 0:
+            return -1
+        if t in _LINE_TYPES:
+            pos = nl + 2
+        elif t in _BULK_TYPES:
+            size = int(buf[pos + 1 : nl])
+            if size < 0:
+                pos = nl + 2
+            else:
+                pos = nl + 2 + size + 2
+                if pos > end:
+                    return -1
+        elif t in _AGG_TYPES or t in _MAP_TYPES:
+            n = int(buf[pos + 1 : nl])
+            pos = nl + 2
+            if t in _MAP_TYPES:
+                n *= 2
+            if n > 0:
+                stack.append(owed - 1)
+                owed = n
+                continue
+        else:
+            raise ProtocolError(f"unexpected reply type byte {t!r} from upstream")
+        owed -= 1
+        while owed == 0:
+            if not stack:
+                return pos
+            owed = stack.pop()
+
+
+def _skip(buf: bytearray, pos: int, end: int) -> int:
+    """End of the next reply: one value, with any attributes in front of it."""
+    while True:
+        if pos >= end:
+            return -1
+        is_attr = buf[pos] == 0x7C
+        pos = _skip_one(buf, pos, end)
+        if pos < 0 or not is_attr:
+            return pos
+
+
+class Verbatim(bytes):
+    """A RESP3 verbatim string; ``format`` is its three-letter format (``txt``, ``mkd``)."""
+
+    format: str
+
+
+class Push(list):  # type: ignore[type-arg]
+    """A RESP3 push frame's elements."""
+
+
+class ErrorReply(bytes):
+    """An error reply's text (without the leading '-')."""
+
+
+Value = Union[None, bytes, int, float, bool, list, dict, set, ErrorReply]  # type: ignore[type-arg]
+
+
+def decode(raw: bytes) -> Value:
+    """Decode one framed reply. Attributes are dropped. Used only off the hot path."""
+    value, pos = _decode(raw, 0)
+    if pos != len(raw):
+        raise ProtocolError("trailing bytes after reply")
+    return value
+
+
+def _decode(raw: bytes, pos: int) -> tuple[Value, int]:
+    t = raw[pos]
+    nl = raw.index(b"\r\n", pos)
+    line = raw[pos + 1 : nl]
+    nxt = nl + 2
+    if t == 0x2B:  # +
+        return line, nxt
+    if t == 0x2D:  # -
+        return ErrorReply(line), nxt
+    if t == 0x3A or t == 0x28:  # : (
+        return int(line), nxt
+    if t == 0x5F:  # _
+        return None, nxt
+    if t == 0x2C:  # ,
+        return float(line), nxt
+    if t == 0x23:  # #
+        return line == b"t", nxt
+    if t in _BULK_TYPES:
+        size = int(line)
+        if size < 0:
+            return None, nxt
+        data = raw[nxt : nxt + size]
+        if t == 0x21:  # !
+            return ErrorReply(data), nxt + size + 2
+        if t == 0x3D:  # =
+            v = Verbatim(data[4:])
+            v.format = data[:3].decode("latin-1")
+            return v, nxt + size + 2
+        return data, nxt + size + 2
+    n = int(line)
+    if t in _AGG_TYPES:
+        if n < 0:
+            return None, nxt
+        items: list[Value] = []
+        for _ in range(n):
+            item, nxt = _decode(raw, nxt)
+            items.append(item)
+        if t == 0x7E:  # ~
+            return set(items), nxt  # type: ignore[arg-type]
+        if t == 0x3E:  # >
+            return Push(items), nxt
+        return items, nxt
+    if t in _MAP_TYPES:
+        mapping: dict[Value, Value] = {}
+        for _ in range(n):
+            k, nxt = _decode(raw, nxt)
+            v, nxt = _decode(raw, nxt)
+            mapping[k if not isinstance(k, list) else tuple(k)] = v  # type: ignore[index]
+        if t == 0x7C:  # attribute: decode and return the value it annotates
+            return _decode(raw, nxt)
+        return mapping, nxt
+    raise ProtocolError(f"unexpected reply type byte {t!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- encoders
+
+
+def encode_command(args: list[bytes]) -> bytes:
+    """A request as multibulk: what the proxy sends upstream when it writes a command of its own."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+def simple(text: bytes) -> bytes:
+    return b"+" + text + b"\r\n"
+
+
+def error(text: str) -> bytes:
+    """An error reply. ``text`` starts with Redis's prefix (``ERR``, ``NOAUTH``, ``WRONGPASS``…), which redis-py
+    maps to its exception classes. CR and LF are not allowed in a simple error, so they become spaces."""
+    return b"-" + text.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace") + b"\r\n"
+
+
+def null(protocol: int) -> bytes:
+    """The null reply of the connection's protocol (RESP2 null bulk, RESP3 ``_``)."""
+    return b"_\r\n" if protocol == 3 else b"$-1\r\n"
+
+
+def null_array(protocol: int) -> bytes:
+    """What a timed-out blocking pop answers: RESP2 null array, RESP3 ``_``."""
+    return b"_\r\n" if protocol == 3 else b"*-1\r\n"
+
+
+OK = b"+OK\r\n"

@@ -1,0 +1,592 @@
+"""Sans-IO state machine for one client connection and the upstream connection pinned to it.
+
+Theory of operation
+-------------------
+Bytes in, actions out. The asyncio layer calls ``from_client(data)`` and ``from_upstream(data)`` and then sends
+``take_client()`` to the client and ``take_upstream()`` to Redis, and carries out ``take_events()``. Nothing here
+does IO.
+
+Replies go back in request order. Every request that gets a reply pushes one *slot* onto a FIFO:
+
+* a forwarded request's slot waits for ``expected`` frames from Redis (one, or one per channel for a RESP2
+  ``SUBSCRIBE a b``);
+* a request the proxy answers itself (``AUTH``, ``QUIT``, a refusal) gets a slot that already holds its reply;
+* the proxy's own upstream handshake (``AUTH``, ``SELECT`` with the upstream credentials) gets *swallow* slots, whose
+  replies the client never sees.
+
+Local slots can only wait behind forwarded ones: whenever the head of the FIFO holds a finished reply it is written
+at once. So the head, if any, is always waiting for Redis, and the next frame from Redis belongs to it.
+
+Frames that are not replies consume no slot: RESP3 push frames (``>``), RESP2 pub/sub messages (arrays starting
+with ``message``/``pmessage``/``smessage`` while subscribed), and everything after ``MONITOR``.
+
+State mirrored from the connection, in the order Redis sees commands: the authenticated user, the RESP version
+(``HELLO``), ``MULTI``, the subscriptions (to count RESP2 confirmations), ``CLIENT REPLY``, ``RESET``.
+
+When the client goes away with a pop outstanding (``client_gone()`` returns True), the asyncio layer half-closes
+the upstream connection and keeps feeding what Redis still sends; every element that arrives for the gone client
+becomes a requeue command in ``take_requeues()``. Pop replies written to the client but still in the transport's
+buffer when it died are recovered by ``undelivered()``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import resp
+from .commands import (
+    NO_AUTH,
+    POPS,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    Requeue,
+    requeue_for,
+)
+from .errors import ProtocolError
+
+# Replies, worded as Redis words them so that redis-py raises the same exception classes.
+NOAUTH = "NOAUTH Authentication required."
+NOAUTH_HELLO = (
+    "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> "
+    "<pass> option can be used to authenticate the client and select the RESP protocol version at the same time"
+)
+WRONGPASS = "WRONGPASS invalid username-password pair or user is disabled."
+AUTH_NO_PASSWORD = (
+    "ERR AUTH <password> called without any password configured for the default user. Are you sure your "
+    "configuration is correct?"
+)
+NOPROTO = "NOPROTO unsupported protocol version"
+EXECABORT = "EXECABORT Transaction discarded because of previous errors."
+NOT_IN_MULTI = "ERR Command not allowed inside a transaction"
+
+
+def wrong_args(name: str) -> str:
+    return f"ERR wrong number of arguments for '{name}' command"
+
+
+class Authenticator(Protocol):
+    """Checks client credentials. Implemented by the config's user table (and by the ACL module later)."""
+
+    @property
+    def required(self) -> bool:
+        """True when clients must authenticate (users are configured)."""
+        ...
+
+    def check(self, username: bytes, password: bytes) -> str | None:
+        """The user's name if the password is right for an enabled user, else None. Constant time."""
+        ...
+
+
+class Policy(Protocol):
+    """The per-command check that the ACL slots in here. Returns an error reply text, or None to allow."""
+
+    def check(self, user: str | None, request: resp.Request) -> str | None: ...
+
+
+# Events for the asyncio layer.
+@dataclass(frozen=True, slots=True)
+class OpenUpstream:
+    """The client may now reach Redis: open the pinned upstream connection (if not open yet)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the client connection once what has been written is flushed."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """Redis refused the proxy's own handshake (its AUTH or SELECT)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    username: str
+
+
+Event = OpenUpstream | Close | UpstreamFailed | AuthFailed
+
+# Slot kinds
+_FORWARD = 0  # reply from Redis goes to the client
+_LOCAL = 1  # reply already known
+_SWALLOW = 2  # reply from Redis to the proxy's own handshake: dropped, an error fails the connection
+_REPLACE = 3  # reply from Redis dropped, a local reply sent instead (EXEC turned into DISCARD)
+
+
+class _Slot:
+    __slots__ = ("kind", "expected", "data", "request", "hook")
+
+    def __init__(
+        self,
+        kind: int,
+        expected: int = 1,
+        data: bytes = b"",
+        request: resp.Request | None = None,
+        hook: str = "",
+    ) -> None:
+        self.kind = kind
+        self.expected = expected
+        self.data = data
+        self.request = request
+        self.hook = hook  # "" on the hot path; names a reply handler otherwise
+
+
+_MESSAGE_PREFIXES = (b"*3\r\n$7\r\nmessage\r\n", b"*4\r\n$8\r\npmessage\r\n", b"*3\r\n$8\r\nsmessage\r\n")
+
+
+class Session:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        *,
+        upstream_handshake: list[list[bytes]] = (),  # type: ignore[assignment]
+        limits: resp.Limits = resp.Limits(),
+        policy: Policy | None = None,
+    ) -> None:
+        self._auth = authenticator
+        self._policy = policy
+        self._requests = resp.RequestParser(limits)
+        self._replies = resp.ReplyParser()
+        self._handshake = [resp.encode_command(c) for c in upstream_handshake]
+        self._slots: deque[_Slot] = deque()
+        self._out_client = bytearray()
+        self._out_upstream = bytearray()
+        self._events: list[Event] = []
+        self._requeues: Requeue = []
+
+        self.user: str | None = None if authenticator.required else "default"
+        self.protocol = 2
+        self.db = 0
+        self._in_multi = False
+        self._multi_dirty = False
+        self._channels: set[bytes] = set()
+        self._patterns: set[bytes] = set()
+        self._shard: set[bytes] = set()
+        self._subscribed_seen = 0  # subscriptions Redis last confirmed (channels + patterns, shard channels)
+        self._shard_seen = 0
+        self._monitor = False
+        self._reply_off = False
+        self._reply_skip = False
+        self._closing = False  # QUIT or a protocol error: read no more requests
+        self._gone = False  # client disconnected
+        # Pop replies written to the client: (end offset in the client byte stream, request, raw reply).
+        self._written = 0
+        self._delivered_pops: deque[tuple[int, resp.Request, bytes]] = deque()
+
+        if self.user is not None:
+            self._open_upstream()
+
+    # -------------------------------------------------------------------------------- outputs
+
+    def take_client(self) -> bytes:
+        out = bytes(self._out_client)
+        self._out_client.clear()
+        self._written += len(out)
+        return out
+
+    def take_upstream(self) -> bytes:
+        out = bytes(self._out_upstream)
+        self._out_upstream.clear()
+        return out
+
+    def take_events(self) -> list[Event]:
+        ev = self._events
+        self._events = []
+        return ev
+
+    def take_requeues(self) -> Requeue:
+        rq = self._requeues
+        self._requeues = []
+        return rq
+
+    @property
+    def pending(self) -> int:
+        """Replies still owed to the client."""
+        return len(self._slots)
+
+    @property
+    def written(self) -> int:
+        """Bytes handed to the client so far (by ``take_client``)."""
+        return self._written
+
+    @property
+    def subscribed(self) -> bool:
+        return bool(self._channels or self._patterns or self._shard)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # -------------------------------------------------------------------------------- client side
+
+    def from_client(self, data: bytes) -> None:
+        if self._closing or self._gone:
+            return
+        parser = self._requests
+        try:
+            parser.feed(data)
+            while not self._closing:
+                req = parser.next()
+                if req is None:
+                    break
+                if req.args:
+                    self._request(req)
+        except ProtocolError as exc:
+            self._local(resp.error(f"ERR Protocol error: {exc}"), force=True)
+            self._closing = True
+            self._events.append(Close(f"protocol error: {exc}"))
+
+    def _request(self, req: resp.Request) -> None:
+        name = req.name
+        if self.user is None and name not in NO_AUTH:
+            self._refuse(NOAUTH)
+            return
+        if self._policy is not None and name not in NO_AUTH:
+            denial = self._policy.check(self.user, req)
+            if denial is not None:
+                self._refuse(denial)
+                return
+        handler = _HANDLERS.get(name)
+        if handler is not None:
+            handler(self, req)
+        else:
+            self._forward(req)
+
+    def _forward(self, req: resp.Request, raw: bytes | None = None, expected: int = 1, hook: str = "") -> None:
+        self._out_upstream += req.raw if raw is None else raw
+        if self._reply_off or self._reply_skip:
+            self._reply_skip = False
+            expected = 0
+            hook = ""
+        if expected:
+            self._slots.append(_Slot(_FORWARD, expected, request=req, hook=hook))
+
+    def _local(self, data: bytes, force: bool = False) -> None:
+        if not force and (self._reply_off or self._reply_skip):
+            self._reply_skip = False
+            return
+        if self._slots:
+            self._slots.append(_Slot(_LOCAL, data=data))
+        else:
+            self._out_client += data
+
+    def _refuse(self, text: str) -> None:
+        """A request the proxy answers with an error and does not forward."""
+        if self._in_multi:
+            self._multi_dirty = True
+        self._local(resp.error(text))
+
+    def _open_upstream(self) -> None:
+        self._events.append(OpenUpstream())
+        for cmd in self._handshake:
+            self._out_upstream += cmd
+            self._slots.append(_Slot(_SWALLOW))
+
+    def _authenticated(self, user: str) -> None:
+        first = self.user is None
+        self.user = user
+        if first:
+            self._open_upstream()
+
+    # Handlers of the commands the proxy must look at. Each either answers locally or forwards.
+
+    def _cmd_auth(self, req: resp.Request) -> None:
+        args = req.args
+        if self._in_multi:
+            self._refuse(NOT_IN_MULTI)
+            return
+        if len(args) == 2:
+            if not self._auth.required:
+                self._local(resp.error(AUTH_NO_PASSWORD))
+                return
+            username, password = b"default", args[1]
+        elif len(args) == 3:
+            username, password = args[1], args[2]
+        else:
+            self._local(resp.error(wrong_args("auth")))
+            return
+        user = self._check_password(username, password)
+        if user is None:
+            self._local(resp.error(WRONGPASS))
+            return
+        self._local(resp.OK)
+        self._authenticated(user)
+
+    def _check_password(self, username: bytes, password: bytes) -> str | None:
+        if not self._auth.required:
+            # Redis's default user with nopass: any password, but only that user.
+            return "default" if username == b"default" else self._fail(username)
+        user = self._auth.check(username, password)
+        return user if user is not None else self._fail(username)
+
+    def _fail(self, username: bytes) -> None:
+        self._events.append(AuthFailed(username.decode("utf-8", "replace")))
+        return None
+
+    def _cmd_hello(self, req: resp.Request) -> None:
+        args = req.args
+        if self._in_multi:
+            self._refuse(NOT_IN_MULTI)
+            return
+        version = None
+        if len(args) >= 2:
+            try:
+                version = int(args[1])
+            except ValueError:
+                self._local(resp.error("ERR Protocol version is not an integer or out of range"))
+                return
+            if version not in (2, 3):
+                self._local(resp.error(NOPROTO))
+                return
+        forwarded = [b"HELLO"] + ([args[1]] if version is not None else [])
+        credentials = None
+        i = 2
+        while i < len(args):
+            opt = args[i].lower()
+            if opt == b"auth" and i + 2 < len(args):
+                credentials = (args[i + 1], args[i + 2])
+                i += 3
+            elif opt == b"setname" and i + 1 < len(args):
+                forwarded += [b"SETNAME", args[i + 1]]
+                i += 2
+            else:
+                self._local(resp.error(f"ERR Syntax error in HELLO option '{args[i].decode('utf-8', 'replace')}'"))
+                return
+        if credentials is not None:
+            user = self._check_password(*credentials)
+            if user is None:
+                self._local(resp.error(WRONGPASS))
+                return
+            self._authenticated(user)
+        elif self.user is None:
+            self._local(resp.error(NOAUTH_HELLO))
+            return
+        # The client's credentials are never forwarded: Redis sees HELLO <version> [SETNAME name].
+        raw = req.raw if credentials is None else resp.encode_command(forwarded)
+        previous = self.protocol
+        if version is not None:
+            self.protocol = version
+        self._forward(req, raw, hook=f"hello:{previous}")
+
+    def _cmd_quit(self, req: resp.Request) -> None:
+        self._local(resp.OK, force=True)
+        self._closing = True
+        self._events.append(Close("client sent QUIT"))
+
+    def _cmd_reset(self, req: resp.Request) -> None:
+        # RESET also de-authenticates the upstream connection and selects db 0 there: replay the proxy's own
+        # handshake right behind it, in the same write, so no command of the client's runs in between.
+        self._forward(req)
+        for cmd in self._handshake:
+            self._out_upstream += cmd
+            self._slots.append(_Slot(_SWALLOW))
+        self.protocol = 2
+        self.db = 0
+        self._in_multi = self._multi_dirty = False
+        self._channels.clear()
+        self._patterns.clear()
+        self._shard.clear()
+        self._reply_off = self._reply_skip = False
+        self._monitor = False
+        if self._auth.required:
+            self.user = None
+
+    def _cmd_multi(self, req: resp.Request) -> None:
+        if not self._in_multi:
+            self._in_multi = True
+            self._multi_dirty = False
+        self._forward(req)
+
+    def _cmd_exec(self, req: resp.Request) -> None:
+        if self._in_multi and self._multi_dirty:
+            # A command the proxy refused would have failed at queue time in Redis: abort as Redis does.
+            self._out_upstream += resp.encode_command([b"DISCARD"])
+            self._slots.append(_Slot(_REPLACE, data=resp.error(EXECABORT)))
+        else:
+            self._forward(req)
+        self._in_multi = self._multi_dirty = False
+
+    def _cmd_discard(self, req: resp.Request) -> None:
+        self._in_multi = self._multi_dirty = False
+        self._forward(req)
+
+    def _cmd_select(self, req: resp.Request) -> None:
+        self._forward(req, hook="" if self._in_multi else "select")
+
+    def _cmd_subscribe(self, req: resp.Request) -> None:
+        kind = SUBSCRIBE[req.name]
+        channels = req.args[1:]
+        if self._in_multi or not channels:
+            self._forward(req)  # Redis answers (queues it, or an arity error): one reply
+            return
+        self._subscriptions(kind).update(channels)
+        # RESP3: confirmations are push frames, no reply. RESP2: one confirmation array per channel.
+        self._forward(req, expected=0 if self.protocol == 3 else len(channels), hook="subscribe")
+
+    def _cmd_unsubscribe(self, req: resp.Request) -> None:
+        kind = UNSUBSCRIBE[req.name]
+        if self._in_multi:
+            self._forward(req)
+            return
+        subs = self._subscriptions(kind)
+        channels = req.args[1:]
+        if channels:
+            count = len(channels)
+            subs.difference_update(channels)
+        else:
+            count = max(1, len(subs))  # with none, Redis still confirms once (channel nil, count 0)
+            subs.clear()
+        self._forward(req, expected=0 if self.protocol == 3 else count, hook="subscribe")
+
+    def _subscriptions(self, kind: str) -> set[bytes]:
+        return self._channels if kind == "channel" else self._patterns if kind == "pattern" else self._shard
+
+    def _cmd_monitor(self, req: resp.Request) -> None:
+        self._forward(req, hook="monitor")
+
+    def _cmd_client(self, req: resp.Request) -> None:
+        args = req.args
+        if len(args) == 3 and args[1].lower() == b"reply":
+            mode = args[2].lower()
+            if mode == b"off":
+                self._forward(req, expected=0)
+                self._reply_off = True
+                return
+            if mode == b"skip":
+                self._forward(req, expected=0)
+                self._reply_skip = not self._reply_off
+                return
+            if mode == b"on":
+                self._reply_off = self._reply_skip = False
+        self._forward(req)
+
+    # -------------------------------------------------------------------------------- upstream side
+
+    def from_upstream(self, data: bytes) -> None:
+        parser = self._replies
+        parser.feed(data)
+        out = self._out_client
+        slots = self._slots
+        while True:
+            frame = parser.next()
+            if frame is None:
+                return
+            kind, raw = frame
+            if kind == resp.PUSH or self._monitor or (
+                (self._subscribed_seen or self._shard_seen) and raw.startswith(_MESSAGE_PREFIXES)
+            ):
+                if not self._gone:
+                    out += raw
+                continue
+            if not slots:
+                raise ProtocolError("reply from upstream with no request waiting for it")
+            slot = slots[0]
+            if slot.kind == _FORWARD and not slot.hook:
+                slots.popleft()
+                if self._gone:
+                    self._lost_reply(slot, raw)
+                else:
+                    out += raw
+                    if slot.request is not None and slot.request.name in POPS and not _is_null(raw):
+                        self._delivered_pops.append((self._written + len(out), slot.request, raw))
+            else:
+                self._special_reply(slot, raw)
+            while slots and slots[0].kind == _LOCAL:
+                data_ = slots.popleft().data
+                if not self._gone:
+                    out += data_
+
+    def _special_reply(self, slot: _Slot, raw: bytes) -> None:
+        is_error = raw[:1] in (b"-", b"!")
+        if slot.kind == _SWALLOW:
+            self._slots.popleft()
+            if is_error:
+                self._events.append(UpstreamFailed(raw[1:].strip().decode("utf-8", "replace")))
+            return
+        if slot.kind == _REPLACE:
+            self._slots.popleft()
+            if not self._gone:
+                self._out_client += slot.data
+            return
+        hook = slot.hook
+        if hook == "subscribe":
+            self._confirmation(raw)
+            slot.expected -= 1
+            if slot.expected <= 0 or is_error:
+                self._slots.popleft()
+        else:
+            self._slots.popleft()
+            if hook.startswith("hello:") and is_error:
+                self.protocol = int(hook[6:])
+            elif hook == "select" and not is_error and slot.request is not None:
+                self.db = int(slot.request.args[1])
+            elif hook == "monitor" and not is_error:
+                self._monitor = True
+        if not self._gone:
+            self._out_client += raw
+
+    def _confirmation(self, raw: bytes) -> None:
+        """Track how many subscriptions Redis reports, from a RESP2 (un)subscribe confirmation."""
+        value = resp.decode(raw)
+        if isinstance(value, list) and len(value) == 3 and isinstance(value[2], int):
+            kind = value[0]
+            if kind in (b"ssubscribe", b"sunsubscribe"):
+                self._shard_seen = value[2]
+            else:
+                self._subscribed_seen = value[2]
+
+    def _lost_reply(self, slot: _Slot, raw: bytes) -> None:
+        """A reply whose client is gone: put back what a pop took."""
+        if slot.request is not None and slot.request.name in POPS and not _is_null(raw):
+            self._requeues += requeue_for(slot.request.args, resp.decode(raw))
+
+    # -------------------------------------------------------------------------------- teardown
+
+    def client_gone(self) -> bool:
+        """The client disconnected. True if a pop is outstanding, so the caller must half-close the upstream
+        connection and feed the rest of what Redis sends (its replies then become requeues)."""
+        self._gone = True
+        self._out_client.clear()
+        return any(s.request is not None and s.request.name in POPS for s in self._slots)
+
+    def delivered(self, flushed: int) -> None:
+        """The transport has handed everything up to byte ``flushed`` of the client stream to the kernel."""
+        pops = self._delivered_pops
+        while pops and pops[0][0] <= flushed:
+            pops.popleft()
+
+    def undelivered(self, unsent: int) -> Requeue:
+        """The client died with ``unsent`` bytes still in the transport's buffer: requeue the pops among them."""
+        cutoff = self._written - unsent
+        out: Requeue = []
+        for end, req, raw in self._delivered_pops:
+            if end > cutoff:
+                out += requeue_for(req.args, resp.decode(raw))
+        self._delivered_pops.clear()
+        return out
+
+
+def _is_null(raw: bytes) -> bool:
+    return raw in (b"_\r\n", b"$-1\r\n", b"*-1\r\n")
+
+
+_HANDLERS = {
+    "auth": Session._cmd_auth,
+    "hello": Session._cmd_hello,
+    "quit": Session._cmd_quit,
+    "reset": Session._cmd_reset,
+    "multi": Session._cmd_multi,
+    "exec": Session._cmd_exec,
+    "discard": Session._cmd_discard,
+    "select": Session._cmd_select,
+    "monitor": Session._cmd_monitor,
+    "client": Session._cmd_client,
+    **{name: Session._cmd_subscribe for name in SUBSCRIBE},
+    **{name: Session._cmd_unsubscribe for name in UNSUBSCRIBE},
+}
