@@ -259,7 +259,7 @@ class ClientConnection(asyncio.Protocol):
         """Close once the replies owed ahead of the close point have gone out (they may still come from Redis),
         within the drain timeout."""
         assert self.transport is not None
-        if self.session.pending == 0 or self.upstream is None:
+        if self.session.pending == 0:
             self.transport.close()  # asyncio flushes the write buffer before closing
             return
         self._close_after_flush = True

@@ -107,6 +107,9 @@ class ProxyProcess:
         finally:
             self._log.close()
 
+    def close(self) -> None:
+        self._log.close()
+
     def logs(self) -> str:
         self._log.flush()
         return self.log_path.read_text()
@@ -150,6 +153,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         if p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
+        p.close()
 
 
 @pytest.fixture
