@@ -153,9 +153,7 @@ class ClientConnection(asyncio.Protocol):
             if self._client_closed:
                 self.server.connection_closed(self)
                 return
-            self._upstream_error = reason
-            if self.session.pending:
-                self._fail_upstream(reason)
+            self._upstream_unavailable(reason)
             return
         self._connecting = None
         if self._client_closed:
@@ -191,6 +189,8 @@ class ClientConnection(asyncio.Protocol):
             self.server.untrack_orphan(self)
             self.server.connection_closed(self)
             return
+        if self._upstream_error is not None:
+            return  # the client gets the error as the reply to its next request
         if not self._client_closed and self.transport is not None:
             # Redis went away under a live connection: close the client cleanly so it reconnects.
             if not self.session.closing:
@@ -207,6 +207,12 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self._close_upstream()
+
+    def _upstream_unavailable(self, reason: str) -> None:
+        """Answer the next request (or the one waiting now) with the error, then close."""
+        self._upstream_error = reason
+        if self.session.pending:
+            self._fail_upstream(reason)
 
     def _fail_upstream(self, reason: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -245,7 +251,8 @@ class ClientConnection(asyncio.Protocol):
             elif isinstance(event, UpstreamFailed):
                 self.server.stats.upstream_connect_failures += 1
                 log.error("upstream refused the proxy's handshake", extra={"error": event.reason})
-                self._fail_upstream(event.reason)
+                self._close_upstream()
+                self._upstream_unavailable(event.reason)
             elif isinstance(event, AuthFailed):
                 self.server.stats.auth_failures += 1
                 log.info("client auth failed", extra={"peer": self.peer, "user": event.username})

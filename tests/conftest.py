@@ -44,6 +44,22 @@ def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def exchange(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, read until the server closes the connection (end the payload with QUIT)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
 class RedisServer:
     """A redis-server of the test's own. ``stop()``/``start()`` restart it on the same port."""
 

@@ -63,23 +63,23 @@ def make_app(broker_url: str, result_url: str | None, state_url: str | None, *, 
             client[pid] = redis.Redis.from_url(state_url)
         return client[pid]
 
-    @app.task(name="e2e.add")
+    @app.task(shared=False, name="e2e.add")
     def add(x: int, y: int) -> int:
         return x + y
 
-    @app.task(name="e2e.mul")
+    @app.task(shared=False, name="e2e.mul")
     def mul(x: int, y: int) -> int:
         return x * y
 
-    @app.task(name="e2e.tsum")
+    @app.task(shared=False, name="e2e.tsum")
     def tsum(xs: list[int]) -> int:
         return sum(xs)
 
-    @app.task(name="e2e.boom")
+    @app.task(shared=False, name="e2e.boom")
     def boom(message: str = "boom") -> None:
         raise ValueError(message)
 
-    @app.task(bind=True, name="e2e.flaky", max_retries=10)
+    @app.task(shared=False, bind=True, name="e2e.flaky", max_retries=10)
     def flaky(self: Any, key: str, failures: int) -> int:
         """Fails (and retries) ``failures`` times, counting attempts in ``key``; returns the attempt count."""
         attempt = int(state().incr(key))
@@ -87,14 +87,14 @@ def make_app(broker_url: str, result_url: str | None, state_url: str | None, *, 
             raise self.retry(countdown=0.1)
         return attempt
 
-    @app.task(bind=True, name="e2e.sleepy", acks_late=True)
+    @app.task(shared=False, bind=True, name="e2e.sleepy", acks_late=True)
     def sleepy(self: Any, seconds: float, key: str | None = None) -> float:
         time.sleep(seconds)
         if key is not None:
             state().rpush(key, self.request.id)
         return seconds
 
-    @app.task(bind=True, name="e2e.record", acks_late=True)
+    @app.task(shared=False, bind=True, name="e2e.record", acks_late=True)
     def record(self: Any, key: str, delay: float = 0.0) -> str:
         """Appends its own task id to the list ``key``: the list shows what ran, in order, and how often."""
         if delay:
@@ -102,7 +102,7 @@ def make_app(broker_url: str, result_url: str | None, state_url: str | None, *, 
         state().rpush(key, self.request.id)
         return str(self.request.id)
 
-    @app.task(bind=True, name="e2e.whereami")
+    @app.task(shared=False, bind=True, name="e2e.whereami")
     def whereami(self: Any) -> dict[str, Any]:
         info = self.request.delivery_info or {}
         return {"routing_key": info.get("routing_key"), "hostname": self.request.hostname}

@@ -1,0 +1,101 @@
+"""Clients authenticate to the proxy; the proxy authenticates to Redis with its own credentials."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tests.conftest import ProxyProcess, RedisServer, exchange
+
+USERS = f"""
+[[users]]
+name = "worker"
+passwords = ["w-secret", "w-rotated"]
+
+[[users]]
+name = "default"
+password_sha256 = ["{hashlib.sha256(b"default-secret").hexdigest()}"]
+
+[[users]]
+name = "retired"
+passwords = ["old"]
+enabled = false
+"""
+
+
+@pytest.fixture
+def authed_proxy(redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
+    return start_proxy(redis_server.url(), config=USERS)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_users_authenticate_with_auth_or_hello(authed_proxy: ProxyProcess, protocol: int) -> None:
+    # redis-py sends HELLO 3 AUTH user pass (RESP3) or AUTH user pass (RESP2).
+    r = authed_proxy.client(username="worker", password="w-secret", protocol=protocol)
+    assert r.ping() is True
+    assert r.set("k", "v") is True
+    # Either of a user's passwords works (rotation).
+    assert authed_proxy.client(username="worker", password="w-rotated", protocol=protocol).ping() is True
+    # Password-only URL means the default user, as in Redis.
+    assert redis.Redis.from_url(f"redis://:default-secret@127.0.0.1:{authed_proxy.port}/0", protocol=protocol).ping()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_wrong_password_gets_redis_error(authed_proxy: ProxyProcess, protocol: int) -> None:
+    for username, password in [("worker", "nope"), ("nobody", "w-secret"), ("retired", "old")]:
+        r = authed_proxy.client(username=username, password=password, protocol=protocol, retry=Retry(NoBackoff(), 0))
+        with pytest.raises(redis.AuthenticationError, match="invalid username-password pair or user is disabled"):
+            r.ping()
+
+
+def test_noauth_before_authentication(authed_proxy: ProxyProcess) -> None:
+    out = exchange(authed_proxy.port, b"GET k\r\nHELLO 3\r\nAUTH worker w-secret\r\nPING\r\nQUIT\r\n")
+    assert out == (
+        b"-NOAUTH Authentication required.\r\n"
+        b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH "
+        b"<user> <pass> option can be used to authenticate the client and select the RESP protocol version at the "
+        b"same time\r\n"
+        b"+OK\r\n+PONG\r\n+OK\r\n"
+    )
+
+
+def test_client_credentials_never_reach_redis(redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess]) -> None:
+    """Redis has a password the clients never see; clients have passwords Redis never sees."""
+    admin = redis_server.client()
+    admin.config_set("requirepass", "upstream-secret")
+    up = redis_server.client(password="upstream-secret")
+    p = start_proxy(f"redis://:upstream-secret@127.0.0.1:{redis_server.port}/2", config=USERS)
+    monitor = up.monitor()
+    with monitor as m:
+        r = p.client(username="worker", password="w-secret", protocol=3)
+        r.set("through", "1")
+        seen = []
+        for cmd in m.listen():
+            seen.append(cmd["command"])
+            if "through" in cmd["command"]:
+                break
+    assert not any("w-secret" in c for c in seen), seen
+    assert up.execute_command("SELECT", 2) and up.get("through") == b"1"
+    # A client that knows only Redis's password gets nowhere.
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=p.port, password="upstream-secret").ping()
+
+
+def test_no_users_means_default_user_without_password(proxy: ProxyProcess, redis_server: RedisServer) -> None:
+    """With no users configured the proxy answers AUTH exactly as a Redis whose default user is nopass."""
+    payload = b"AUTH anything\r\nAUTH default anything\r\nAUTH someone anything\r\nPING\r\nQUIT\r\n"
+    assert exchange(proxy.port, payload) == exchange(redis_server.port, payload)
+
+
+def test_wrong_upstream_password_reported_to_client(
+    redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    redis_server.client().config_set("requirepass", "right")
+    p = start_proxy(f"redis://:wrong@127.0.0.1:{redis_server.port}/0")
+    with pytest.raises(redis.ResponseError, match="upstream unavailable: WRONGPASS"):
+        p.client(protocol=2).ping()
