@@ -308,14 +308,18 @@ def test_revoke_before_run(app: Celery, worker: Worker, stack: Stack) -> None:
 def test_revoke_eta_task(app: Celery, worker: Worker, stack: Stack) -> None:
     """Revoked while the worker already holds it (countdown): it must not run when its ETA comes."""
     key = f"revoke-eta:{uuid.uuid4().hex}"
-    r = T(app, "record").apply_async((key,), countdown=2)
-    wait_until("the worker to hold the ETA task", lambda: r.state != "PENDING" or _scheduled(app, worker, r.id))
+    countdown = 2.0
+    due = time.monotonic() + countdown
+    r = T(app, "record").apply_async((key,), countdown=countdown)
+    wait_until("the worker to hold the ETA task", lambda: _scheduled(app, worker, r.id))
     app.control.revoke(r.id)
     with pytest.raises(TaskRevokedError):
         r.get(timeout=TIMEOUT)
     assert r.state == "REVOKED"
-    time.sleep(0.5)
-    assert stack.state().llen(key) == 0
+    # Past its ETA (and then some), it still has not run.
+    time.sleep(max(0.0, due - time.monotonic()) + 1.0)
+    assert stack.state().llen(key) == 0, stack.diag()
+    assert r.state == "REVOKED"
 
 
 def _scheduled(app: Celery, worker: Worker, tid: str) -> bool:
@@ -369,6 +373,22 @@ def test_result_backend_resp2(stack: Stack, worker: Worker) -> None:
     assert c.get(timeout=TIMEOUT) == 12
     key = f"flaky2:{uuid.uuid4().hex}"
     assert T(app2, "flaky").delay(key, 1).get(timeout=TIMEOUT) == 2
+
+
+def test_proxy_log_clean(stack: Stack) -> None:
+    """After all of the above, the proxy logged nothing at warning level or worse."""
+    if stack.proxy is None:
+        pytest.skip("direct to Redis")
+    bad = []
+    for line in stack.proxy.logs().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            bad.append(line)
+            continue
+        if entry.get("level") not in ("debug", "info"):
+            bad.append(line)
+    assert bad == [], "\n".join(bad)
 
 
 def test_priorities(own_stack: Stack) -> None:
