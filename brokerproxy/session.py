@@ -175,6 +175,7 @@ class Session:
         self._reply_skip = False
         self._closing = False  # QUIT or a protocol error: read no more requests
         self._gone = False  # client disconnected
+        self._upstream_failed = False  # Redis refused the proxy's handshake
         # Pop replies written to the client: (end offset in the client byte stream, request, raw reply).
         self._written = 0
         self._delivered_pops: deque[tuple[int, resp.Request, bytes]] = deque()
@@ -469,6 +470,8 @@ class Session:
     # -------------------------------------------------------------------------------- upstream side
 
     def from_upstream(self, data: bytes) -> None:
+        if self._upstream_failed:
+            return
         parser = self._replies
         parser.feed(data)
         out = self._out_client
@@ -478,6 +481,8 @@ class Session:
             if frame is None:
                 return
             kind, raw = frame
+            if self._upstream_failed:
+                return
             if kind == resp.PUSH or self._monitor or (
                 (self._subscribed_seen or self._shard_seen) and raw.startswith(_MESSAGE_PREFIXES)
             ):
@@ -507,6 +512,8 @@ class Session:
         if slot.kind == _SWALLOW:
             self._slots.popleft()
             if is_error:
+                # Nothing after a failed handshake is the client's to see: the proxy answers with the error.
+                self._upstream_failed = True
                 self._events.append(UpstreamFailed(raw[1:].strip().decode("utf-8", "replace")))
             return
         if slot.kind == _REPLACE:
