@@ -60,10 +60,13 @@ class ClientConnection(asyncio.Protocol):
         self._pending_up = bytearray()  # requests written before the upstream connection is up
         self._connecting: asyncio.Task[None] | None = None
         self._upstream_error: str | None = None
-        self._client_closed = False
+        self._client_closed = False  # the client transport is gone
+        self._left = False  # the client is gone (EOF or transport lost): nothing more is written to it
         self._draining_upstream = False  # half-closed after the client left, reading to the end
         self._paused_by: set[str] = set()
         self._close_after_flush = False
+        self._unblock_sent = False
+        self.upstream_done = asyncio.Event()  # set when the upstream connection has closed
         self._close_timer: asyncio.TimerHandle | None = None
         self._upstream_paused = False
         self.peer = "?"
@@ -94,6 +97,9 @@ class ClientConnection(asyncio.Protocol):
         self._pump()
 
     def eof_received(self) -> bool | None:
+        # Redis treats a client's EOF as the client gone; so does the proxy, at once: a pop reply that arrives
+        # from now on must be requeued, not written to a transport that is closing.
+        self._client_left()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -103,20 +109,36 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         unsent = transport.get_write_buffer_size() if transport is not None else 0
         requeue = self.session.undelivered(unsent) if unsent else []
-        outstanding_pop = self.session.client_gone()
         if requeue:
             self.server.requeue(requeue, "client gone before the reply was sent")
+        self._client_left()
+        if not self._draining_upstream:
+            self.server.connection_closed(self)
+
+    def _client_left(self) -> None:
+        if self._left:
+            return
+        self._left = True
+        outstanding_pop = self.session.client_gone()
         up = self.upstream
         if up is not None and not up.is_closing() and outstanding_pop:
+            # Keep the upstream connection until every reply owed is in (see Session.client_gone for why not a
+            # half-close); a blocked pop is ended early with CLIENT UNBLOCK.
             self._draining_upstream = True
-            if up.can_write_eof():
-                up.write_eof()
             if self._upstream_paused:
                 up.resume_reading()
+                self._upstream_paused = False
             self.server.track_orphan(self)
+            self._unblock_if_blocked()
         else:
             self._close_upstream()
-            self.server.connection_closed(self)
+
+    def _unblock_if_blocked(self) -> None:
+        """End a blocked command early, as a timeout, from a side connection (once the upstream id is known)."""
+        if self._unblock_sent or not self.session.blocked or self.session.upstream_id is None:
+            return
+        self._unblock_sent = True
+        self.server.unblock(self.session.upstream_id, self.upstream_done)
 
     def pause_writing(self) -> None:
         # The client reads slower than Redis answers: stop reading Redis until it catches up.
@@ -150,15 +172,12 @@ class ClientConnection(asyncio.Protocol):
             self.server.stats.upstream_connect_failures += 1
             log.warning("upstream connect failed", extra={"peer": self.peer, "upstream": str(up), "error": reason})
             self._connecting = None
-            if self._client_closed:
-                self.server.connection_closed(self)
-                return
-            self._upstream_unavailable(reason)
+            if not self._left:
+                self._upstream_unavailable(reason)
             return
         self._connecting = None
-        if self._client_closed:
-            transport.close()
-            self.server.connection_closed(self)
+        if self._left:
+            transport.close()  # the client left while we connected; nothing it sent was forwarded
             return
         transport.set_write_buffer_limits(high=self.server.config.write_buffer_high_water)
         self.upstream = transport
@@ -179,15 +198,23 @@ class ClientConnection(asyncio.Protocol):
             requeue = self.session.take_requeues()
             if requeue:
                 self.server.requeue(requeue, "client gone while a pop was outstanding")
+            if self.session.pending == 0:
+                self._close_upstream()
+            else:
+                self._unblock_if_blocked()
             return
         self._pump()
+        if self.server.draining:
+            self._unblock_if_blocked()
 
     def upstream_lost(self, exc: Exception | None) -> None:
         self.upstream = None
+        self.upstream_done.set()
         if self._draining_upstream:
             self._draining_upstream = False
             self.server.untrack_orphan(self)
-            self.server.connection_closed(self)
+            if self._client_closed:
+                self.server.connection_closed(self)
             return
         if self._upstream_error is not None:
             return  # the client gets the error as the reply to its next request
@@ -289,15 +316,16 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------------ drain
 
     def drain(self) -> None:
-        """SIGTERM: take no new requests; let Redis finish what it has (a blocked pop ends without taking an
-        element when it sees the half-close), deliver those replies, then close."""
-        if self._client_closed or self.transport is None:
+        """SIGTERM: take no new requests, let Redis answer what is in flight (a blocked pop is ended early as a
+        timeout with CLIENT UNBLOCK, so it takes no element), deliver those replies, then close."""
+        if self._left or self.transport is None:
             return
         self.transport.pause_reading()
         if self.upstream is None:
             self._close_both()
-        elif self.upstream.can_write_eof():
-            self.upstream.write_eof()
+            return
+        self._close_when_flushed()
+        self._unblock_if_blocked()
 
     def abort(self) -> None:
         if self.transport is not None:

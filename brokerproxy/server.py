@@ -20,6 +20,9 @@ log = logging.getLogger("brokerproxy.server")
 
 #: Attempts to put requeued elements back before giving up (and logging every element that could not be).
 REQUEUE_ATTEMPTS = 6
+#: CLIENT UNBLOCK attempts for a pop left behind by a gone client, and the wait between them.
+UNBLOCK_ATTEMPTS = 20
+UNBLOCK_RETRY_SECONDS = 0.25
 
 
 @dataclass
@@ -88,53 +91,79 @@ class Server:
 
     # ------------------------------------------------------------------------ requeue
 
+    async def side_commands(self, commands: list[list[bytes]]) -> list[bytes]:
+        """Run commands on a short-lived connection of the proxy's own (with its upstream AUTH/SELECT); the raw
+        replies to ``commands``. Raises OSError/TimeoutError/ConnectionError when Redis cannot be reached."""
+        up = self.config.upstream
+        handshake = up.handshake()
+        payload = b"".join(resp.encode_command(c) for c in handshake + commands)
+        timeout = self.config.connect_timeout
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(up.host, up.port), timeout)
+        try:
+            writer.write(payload)
+            parser = resp.ReplyParser()
+            replies: list[bytes] = []
+            while len(replies) < len(handshake) + len(commands):
+                data = await asyncio.wait_for(reader.read(65536), timeout)
+                if not data:
+                    raise ConnectionError("upstream closed the side connection")
+                parser.feed(data)
+                while (frame := parser.next()) is not None:
+                    replies.append(frame[1])
+        finally:
+            writer.close()
+        for reply in replies[: len(handshake)]:
+            if reply.startswith(b"-"):
+                raise ConnectionError(reply[1:].strip().decode("utf-8", "replace"))
+        return replies[len(handshake) :]
+
     def requeue(self, commands: Requeue, why: str) -> None:
-        """Put popped elements back, on a connection of their own (the client's upstream may be half-closed)."""
+        """Put popped elements back, on a connection of their own."""
         self.spawn(self._requeue(commands, why), "requeue")
 
     async def _requeue(self, commands: Requeue, why: str) -> None:
-        up = self.config.upstream
-        payload = b"".join(resp.encode_command(c) for c in up.handshake() + commands)
-        expected = len(up.handshake()) + len(commands)
         delay = 0.1
+        elements = sum(len(c) - 2 for c in commands)
         for attempt in range(REQUEUE_ATTEMPTS):
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(up.host, up.port), self.config.connect_timeout
-                )
-                try:
-                    writer.write(payload)
-                    parser = resp.ReplyParser()
-                    errors: list[bytes] = []
-                    got = 0
-                    while got < expected:
-                        data = await asyncio.wait_for(reader.read(65536), self.config.connect_timeout)
-                        if not data:
-                            raise ConnectionError("upstream closed during requeue")
-                        parser.feed(data)
-                        while (frame := parser.next()) is not None:
-                            got += 1
-                            if frame[1].startswith(b"-"):
-                                errors.append(frame[1].strip())
-                finally:
-                    writer.close()
-                if errors:
-                    log.error("requeue command failed", extra={"errors": [e.decode("utf-8", "replace") for e in errors]})
-                    self.stats.requeue_failures += len(errors)
-                elements = sum(len(c) - 2 for c in commands)
-                self.stats.requeued_elements += elements
-                log.warning("requeued popped elements", extra={"elements": elements, "why": why})
-                return
+                replies = await self.side_commands(commands)
             except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
                 log.warning("requeue attempt failed", extra={"attempt": attempt + 1, "error": str(exc)})
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay)  # back off before the next attempt
                 delay = min(delay * 2, 2.0)
+                continue
+            errors = [r.strip().decode("utf-8", "replace") for r in replies if r.startswith(b"-")]
+            if errors:
+                log.error("requeue command failed", extra={"errors": errors})
+                self.stats.requeue_failures += len(errors)
+            self.stats.requeued_elements += elements
+            log.warning("requeued popped elements", extra={"elements": elements, "why": why})
+            return
         self.stats.requeue_failures += len(commands)
         for c in commands:
             log.error(
                 "could not requeue element; it is in this log line only",
                 extra={"command": [a.decode("utf-8", "backslashreplace") for a in c]},
             )
+
+    def unblock(self, upstream_id: int, done: asyncio.Event) -> None:
+        """End the blocked command of upstream connection ``upstream_id`` as a timeout."""
+        self.spawn(self._unblock(upstream_id, done), f"unblock {upstream_id}")
+
+    async def _unblock(self, upstream_id: int, done: asyncio.Event) -> None:
+        # The blocking command may still be on its way to Redis when the first UNBLOCK lands (it then answers 0
+        # and the command blocks after it): try again until the connection is done, with a bound.
+        cmd = [b"CLIENT", b"UNBLOCK", str(upstream_id).encode(), b"TIMEOUT"]
+        for _ in range(UNBLOCK_ATTEMPTS):
+            try:
+                await self.side_commands([cmd])
+            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                log.warning("CLIENT UNBLOCK failed", extra={"error": str(exc)})
+            try:
+                await asyncio.wait_for(done.wait(), UNBLOCK_RETRY_SECONDS)
+                return
+            except asyncio.TimeoutError:
+                continue
 
     # ------------------------------------------------------------------------ lifecycle
 

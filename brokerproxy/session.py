@@ -37,6 +37,7 @@ from typing import Protocol
 
 from . import resp
 from .commands import (
+    BLOCKING,
     NO_AUTH,
     POPS,
     SUBSCRIBE,
@@ -137,6 +138,7 @@ class _Slot:
         self.hook = hook  # "" on the hot path; names a reply handler otherwise
 
 
+_CLIENT_ID = resp.encode_command([b"CLIENT", b"ID"])
 _MESSAGE_PREFIXES = (b"*3\r\n$7\r\nmessage\r\n", b"*4\r\n$8\r\npmessage\r\n", b"*3\r\n$8\r\nsmessage\r\n")
 
 
@@ -161,6 +163,7 @@ class Session:
         self._requeues: Requeue = []
 
         self.user: str | None = None if authenticator.required else "default"
+        self.upstream_id: int | None = None  # CLIENT ID of the pinned upstream connection
         self.protocol = 2
         self.db = 0
         self._in_multi = False
@@ -285,9 +288,16 @@ class Session:
 
     def _open_upstream(self) -> None:
         self._events.append(OpenUpstream())
+        self._send_handshake()
+
+    def _send_handshake(self) -> None:
         for cmd in self._handshake:
             self._out_upstream += cmd
             self._slots.append(_Slot(_SWALLOW))
+        # The upstream connection's id, so that a pop left behind by a gone client can be ended with
+        # CLIENT UNBLOCK from a side connection. Its error (an upstream ACL without CLIENT) is not fatal.
+        self._out_upstream += _CLIENT_ID
+        self._slots.append(_Slot(_SWALLOW, hook="id"))
 
     def _authenticated(self, user: str) -> None:
         first = self.user is None
@@ -384,9 +394,7 @@ class Session:
         # RESET also de-authenticates the upstream connection and selects db 0 there: replay the proxy's own
         # handshake right behind it, in the same write, so no command of the client's runs in between.
         self._forward(req)
-        for cmd in self._handshake:
-            self._out_upstream += cmd
-            self._slots.append(_Slot(_SWALLOW))
+        self._send_handshake()
         self.protocol = 2
         self.db = 0
         self._in_multi = self._multi_dirty = False
@@ -511,7 +519,10 @@ class Session:
         is_error = raw[:1] in (b"-", b"!")
         if slot.kind == _SWALLOW:
             self._slots.popleft()
-            if is_error:
+            if slot.hook == "id":
+                value = None if is_error else resp.decode(raw)
+                self.upstream_id = value if isinstance(value, int) else None
+            elif is_error:
                 # Nothing after a failed handshake is the client's to see: the proxy answers with the error.
                 self._upstream_failed = True
                 self._events.append(UpstreamFailed(raw[1:].strip().decode("utf-8", "replace")))
@@ -556,11 +567,20 @@ class Session:
     # -------------------------------------------------------------------------------- teardown
 
     def client_gone(self) -> bool:
-        """The client disconnected. True if a pop is outstanding, so the caller must half-close the upstream
-        connection and feed the rest of what Redis sends (its replies then become requeues)."""
+        """The client disconnected. True if a pop is outstanding: the caller must then keep the upstream
+        connection open and feed what Redis still sends until ``pending`` is 0 (each element that arrives becomes
+        a requeue), ending a blocked pop early with ``CLIENT UNBLOCK upstream_id`` from a side connection.
+
+        Not a half-close: Redis frees a client whose socket reads EOF without flushing its output buffer, so a
+        pop served in the same event-loop turn as the EOF would be lost inside Redis."""
         self._gone = True
         self._out_client.clear()
         return any(s.request is not None and s.request.name in POPS for s in self._slots)
+
+    @property
+    def blocked(self) -> bool:
+        """A blocking command is outstanding (it may wait in Redis for as long as its timeout)."""
+        return any(s.request is not None and s.request.name in BLOCKING for s in self._slots)
 
     def delivered(self, flushed: int) -> None:
         """The transport has handed everything up to byte ``flushed`` of the client stream to the kernel."""

@@ -102,17 +102,19 @@ class Stack:
         return "\n".join(parts)
 
     def close(self) -> None:
-        for w in self.workers:
-            w.kill()
-        for a in self.apps:
-            a.close()
-        if self.proxy is not None:
-            try:
-                self.proxy.stop(signal.SIGTERM, timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proxy.proc.kill()
-                self.proxy.proc.wait(10)
-        self.redis.stop()
+        try:
+            for w in self.workers:
+                w.kill()
+            for a in self.apps:
+                a.close()
+        finally:
+            if self.proxy is not None:
+                try:
+                    self.proxy.stop(signal.SIGTERM, timeout=40)
+                except subprocess.TimeoutExpired:
+                    self.proxy.proc.kill()
+                    self.proxy.proc.wait(10)
+            self.redis.stop()
 
 
 def tail(text: str, lines: int = 60) -> str:
@@ -123,12 +125,17 @@ def make_stack(tmp: Path) -> Stack:
     rdir = tmp / "redis"
     rdir.mkdir()
     server = RedisServer(rdir)
-    proxy = None
-    if not DIRECT:
-        port = free_port()
-        proxy = ProxyProcess(
-            ["--listen", f"127.0.0.1:{port}", "--upstream", server.url(0)], None, tmp / "proxy.log", port
-        ).wait_ready()
+    if DIRECT:
+        return Stack(server, None, tmp)
+    port = free_port()
+    proxy = ProxyProcess(["--listen", f"127.0.0.1:{port}", "--upstream", server.url(0)], None, tmp / "proxy.log", port)
+    try:
+        proxy.wait_ready()
+    except BaseException:
+        proxy.proc.kill()
+        proxy.proc.wait(10)
+        server.stop()
+        raise
     return Stack(server, proxy, tmp)
 
 
@@ -176,6 +183,7 @@ class Worker:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
+        """The whole process group, pool children included, whatever state the worker is in."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -261,7 +269,7 @@ def test_group_and_chord(app: Celery, worker: Worker, stack: Stack) -> None:
     assert g.get(timeout=TIMEOUT) == [i * i for i in range(10)], stack.diag()
     c = chord(T(app, "add").s(i, i) for i in range(8))(T(app, "tsum").s())
     assert c.get(timeout=TIMEOUT) == sum(2 * i for i in range(8)), stack.diag()
-    # A chord whose header spans queues, with a failing-free callback on another queue.
+    # A chord whose header runs on alpha and beta, and whose callback runs on beta.
     header = [T(app, "add").s(1, 1).set(queue="alpha"), T(app, "add").s(2, 2).set(queue="beta")]
     c2 = chord(header)(T(app, "tsum").s().set(queue="beta"))
     assert c2.get(timeout=TIMEOUT) == 6, stack.diag()
@@ -360,6 +368,29 @@ def test_worker_events(app: Celery, worker: Worker, stack: Stack, protocol: int)
     finally:
         pubsub.close()
         sub_client.close()
+
+
+def test_event_receiver(app: Celery, worker: Worker, stack: Stack) -> None:
+    """celery.events.Receiver (kombu's fanout consumer: PSUBSCRIBE through the proxy) sees the task's events."""
+    seen: list[str] = []
+    sent: dict[str, str] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        seen.append(event.get("type", "?"))
+        if not sent:
+            # The first event (a worker heartbeat, every 2 s) proves the subscription is live: publish now.
+            sent["id"] = T(app, "mul").delay(6, 7).id
+        elif event.get("type") == "task-succeeded" and event.get("uuid") == sent["id"]:
+            receiver.should_stop = True
+
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": on_event})
+        try:
+            receiver.capture(limit=None, timeout=TIMEOUT, wakeup=False)
+        except TimeoutError:
+            pass
+    assert receiver.should_stop, f"no task-succeeded for {sent}: {seen}\n{stack.diag()}"
+    assert app.AsyncResult(sent["id"]).get(timeout=TIMEOUT) == 42
 
 
 def test_result_backend_resp2(stack: Stack, worker: Worker) -> None:

@@ -1,4 +1,4 @@
-"""Replay the real Celery 5.7 / redis-py RESP3 capture (tests/data/celery57-resp3) through the framing and the session."""
+"""Replay the real Celery 5.7 RESP3 capture (tests/data/celery57-resp3) through the framing and the session."""
 
 from __future__ import annotations
 

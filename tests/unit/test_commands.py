@@ -23,7 +23,7 @@ def arr(*items: bytes) -> bytes:
     return b"*%d\r\n" % len(items) + b"".join(items)
 
 
-# ---------------------------------------------------------------------------------------------------- a tiny model
+# -------------------------------------------------------------------------------------------------------- a tiny model
 
 
 def apply(lists: dict[bytes, list[bytes]], zsets: dict[bytes, dict[bytes, float]], cmd: list[bytes]) -> None:
@@ -35,13 +35,13 @@ def apply(lists: dict[bytes, list[bytes]], zsets: dict[bytes, dict[bytes, float]
             lists.setdefault(cmd[1], []).insert(0, x)
     elif name == b"ZADD":
         z = zsets.setdefault(cmd[1], {})
-        for score, member in zip(cmd[2::2], cmd[3::2]):
+        for score, member in zip(cmd[2::2], cmd[3::2], strict=True):
             z[member] = float(score)
     else:
         raise AssertionError(f"unexpected requeue command {cmd!r}")
 
 
-# ---------------------------------------------------------------------------------------------------- lists
+# --------------------------------------------------------------------------------------------------------------- lists
 
 LIST = [b"a", b"b", b"c", b"d"]
 
@@ -79,7 +79,7 @@ def test_list_pops(args: list[bytes], raw: bytes, expected: list[list[bytes]], a
     assert lists[b"q"] == LIST
 
 
-# ---------------------------------------------------------------------------------------------------- sorted sets
+# --------------------------------------------------------------------------------------------------------- sorted sets
 
 ZSET = {b"m1": 1.0, b"m2": 2.5, b"m3": 3.0}
 
@@ -117,7 +117,7 @@ def test_zset_pops(args: list[bytes], raw: bytes, popped: list[bytes]) -> None:
     cmd = requeue[0]
     assert cmd[:2] == [b"ZADD", b"z"]
     # ZADD key score member [score member …], each member with the score it had.
-    pairs = list(zip(cmd[3::2], (float(s) for s in cmd[2::2])))
+    pairs = list(zip(cmd[3::2], (float(s) for s in cmd[2::2]), strict=True))
     assert pairs == [(m, ZSET[m]) for m in popped]
     zsets = {b"z": {m: s for m, s in ZSET.items() if m not in popped}}
     apply({}, zsets, cmd)
@@ -131,7 +131,7 @@ def test_zset_score_precision_survives_resp3_double() -> None:
     assert float(requeue[0][2]) == 1.7976931348623157e308
 
 
-# ---------------------------------------------------------------------------------------------------- nothing to put back
+# ------------------------------------------------------------------------------------------------- nothing to put back
 
 
 @pytest.mark.parametrize(
