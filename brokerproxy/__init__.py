@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .config import Config, load  # noqa: E402
-from .server import Server  # noqa: E402
+from .config import Config, load
+from .server import Server
 
 __all__ = ["Config", "Server", "__version__", "load"]

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .config import DEFAULT_LISTEN, DEFAULT_UPSTREAM, LOG_LEVELS, Config, load
@@ -50,8 +50,14 @@ def parser() -> argparse.ArgumentParser:
         "which wins over the file.",
     )
     p.add_argument("--listen", metavar="HOST:PORT", help=f"address for Redis clients (default {DEFAULT_LISTEN})")
-    p.add_argument("--upstream", metavar="URL", help=f"Redis to forward to, redis://[user:pass@]host:port/db (default {DEFAULT_UPSTREAM})")
-    p.add_argument("--config", metavar="FILE", help="TOML config file (see config.example.toml); env BROKERPROXY_CONFIG")
+    p.add_argument(
+        "--upstream",
+        metavar="URL",
+        help=f"Redis to forward to, redis://[user:pass@]host:port/db (default {DEFAULT_UPSTREAM})",
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML config file (see config.example.toml); env BROKERPROXY_CONFIG"
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
     p.add_argument("--drain-timeout", metavar="SECONDS", help="bound on the SIGTERM drain (default 30)")
     p.add_argument("--connect-timeout", metavar="SECONDS", help="bound on connecting to Redis (default 5)")
@@ -98,7 +104,9 @@ async def _run(config: Config) -> int:
     try:
         await server.start()
     except OSError as exc:
-        logging.getLogger("brokerproxy").error("cannot listen", extra={"address": str(config.listen), "error": str(exc)})
+        logging.getLogger("brokerproxy").error(
+            "cannot listen", extra={"address": str(config.listen), "error": str(exc)}
+        )
         return EXIT_START
     server.install_signals()
     clean = await server.serve()

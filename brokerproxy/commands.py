@@ -7,8 +7,7 @@ pops whose element it must put back when the client that asked for it is gone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from .resp import ErrorReply, Value
 
@@ -87,7 +86,7 @@ def _zpairs(values: list[Value]) -> list[bytes]:
         else:
             flat.append(v)
     out: list[bytes] = []
-    for member, score in zip(flat[0::2], flat[1::2]):
+    for member, score in zip(flat[0::2], flat[1::2], strict=False):
         out += [_as_bytes(score), _as_bytes(member)]
     return out
 

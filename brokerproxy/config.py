@@ -10,8 +10,9 @@ import hashlib
 import hmac
 import ipaddress
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from . import resp
@@ -64,7 +65,7 @@ class Upstream:
             auth = [b"AUTH"]
             if self.username:
                 auth.append(self.username.encode())
-            cmds.append(auth + [self.password.encode()])
+            cmds.append([*auth, self.password.encode()])
         if self.db:
             cmds.append([b"SELECT", str(self.db).encode()])
         return cmds
@@ -113,7 +114,7 @@ class Config:
     protected_mode: bool = True
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    limits: resp.Limits = resp.Limits()
+    limits: resp.Limits = resp.DEFAULT_LIMITS
     write_buffer_high_water: int = DEFAULT_WRITE_BUFFER_HIGH_WATER
     users: tuple[User, ...] = ()
 

@@ -167,7 +167,7 @@ class ClientConnection(asyncio.Protocol):
                 loop.create_connection(lambda: _UpstreamProtocol(self), up.host, up.port),
                 self.server.config.connect_timeout,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             self.server.stats.upstream_connect_failures += 1
             log.warning("upstream connect failed", extra={"peer": self.peer, "upstream": str(up), "error": reason})

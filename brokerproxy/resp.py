@@ -23,7 +23,6 @@ not copied once per frame.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from .errors import ProtocolError
 
@@ -50,10 +49,13 @@ class Limits:
     max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES
 
 
+DEFAULT_LIMITS = Limits()
+
+
 class Request:
     """One framed client request: its arguments and the exact bytes it arrived as."""
 
-    __slots__ = ("args", "raw", "name")
+    __slots__ = ("args", "name", "raw")
 
     def __init__(self, args: list[bytes], raw: bytes) -> None:
         self.args = args
@@ -68,7 +70,7 @@ class Request:
 class RequestParser:
     """Frames client requests. ``feed()`` bytes, then call ``next()`` until it returns None."""
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._limits = limits
@@ -347,7 +349,7 @@ class ErrorReply(bytes):
     """An error reply's text (without the leading '-')."""
 
 
-Value = Union[None, bytes, int, float, bool, list, dict, set, ErrorReply]  # type: ignore[type-arg]
+Value = None | bytes | int | float | bool | list | dict | set | ErrorReply  # type: ignore[type-arg]
 
 
 def decode(raw: bytes) -> Value:
@@ -383,9 +385,9 @@ def _decode(raw: bytes, pos: int) -> tuple[Value, int]:
         if t == 0x21:  # !
             return ErrorReply(data), nxt + size + 2
         if t == 0x3D:  # =
-            v = Verbatim(data[4:])
-            v.format = data[:3].decode("latin-1")
-            return v, nxt + size + 2
+            verbatim = Verbatim(data[4:])
+            verbatim.format = data[:3].decode("latin-1")
+            return verbatim, nxt + size + 2
         return data, nxt + size + 2
     n = int(line)
     if t in _AGG_TYPES:
@@ -396,7 +398,7 @@ def _decode(raw: bytes, pos: int) -> tuple[Value, int]:
             item, nxt = _decode(raw, nxt)
             items.append(item)
         if t == 0x7E:  # ~
-            return set(items), nxt  # type: ignore[arg-type]
+            return set(items), nxt
         if t == 0x3E:  # >
             return Push(items), nxt
         return items, nxt

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Coroutine
+from typing import Any
 
 from . import resp
 from .commands import Requeue
@@ -127,7 +128,7 @@ class Server:
         for attempt in range(REQUEUE_ATTEMPTS):
             try:
                 replies = await self.side_commands(commands)
-            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            except (TimeoutError, OSError, ConnectionError) as exc:
                 log.warning("requeue attempt failed", extra={"attempt": attempt + 1, "error": str(exc)})
                 await asyncio.sleep(delay)  # back off before the next attempt
                 delay = min(delay * 2, 2.0)
@@ -157,12 +158,12 @@ class Server:
         for _ in range(UNBLOCK_ATTEMPTS):
             try:
                 await self.side_commands([cmd])
-            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            except (TimeoutError, OSError, ConnectionError) as exc:
                 log.warning("CLIENT UNBLOCK failed", extra={"error": str(exc)})
             try:
                 await asyncio.wait_for(done.wait(), UNBLOCK_RETRY_SECONDS)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     # ------------------------------------------------------------------------ lifecycle
@@ -172,13 +173,13 @@ class Server:
         addr = self.config.listen
         server = await loop.create_server(lambda: ClientConnection(self), addr.host, addr.port, reuse_address=True)
         self._servers.append(server)
-        for sock in server.sockets:
+        for sock in getattr(server, "sockets", ()):
             name = sock.getsockname()
             log.info("listening", extra={"address": f"{name[0]}:{name[1]}", "upstream": str(self.config.upstream)})
 
     @property
     def ports(self) -> list[int]:
-        return [s.getsockname()[1] for srv in self._servers for s in srv.sockets]
+        return [s.getsockname()[1] for srv in self._servers for s in getattr(srv, "sockets", ())]
 
     def install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -211,7 +212,7 @@ class Server:
         try:
             await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
             clean = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("drain timed out; closing what is left", extra={"connections": len(self._connections)})
             clean = False
         for conn in list(self._connections):

@@ -121,7 +121,7 @@ _REPLACE = 3  # reply from Redis dropped, a local reply sent instead (EXEC turne
 
 
 class _Slot:
-    __slots__ = ("kind", "expected", "data", "request", "hook")
+    __slots__ = ("data", "expected", "hook", "kind", "request")
 
     def __init__(
         self,
@@ -148,7 +148,7 @@ class Session:
         authenticator: Authenticator,
         *,
         upstream_handshake: list[list[bytes]] = (),  # type: ignore[assignment]
-        limits: resp.Limits = resp.Limits(),
+        limits: resp.Limits = resp.DEFAULT_LIMITS,
         policy: Policy | None = None,
     ) -> None:
         self._auth = authenticator
@@ -332,13 +332,12 @@ class Session:
     def _check_password(self, username: bytes, password: bytes) -> str | None:
         if not self._auth.required:
             # Redis's default user with nopass: any password, but only that user.
-            return "default" if username == b"default" else self._fail(username)
-        user = self._auth.check(username, password)
-        return user if user is not None else self._fail(username)
-
-    def _fail(self, username: bytes) -> None:
-        self._events.append(AuthFailed(username.decode("utf-8", "replace")))
-        return None
+            user: str | None = "default" if username == b"default" else None
+        else:
+            user = self._auth.check(username, password)
+        if user is None:
+            self._events.append(AuthFailed(username.decode("utf-8", "replace")))
+        return user
 
     def _cmd_hello(self, req: resp.Request) -> None:
         args = req.args

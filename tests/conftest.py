@@ -13,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import redis
@@ -75,7 +75,8 @@ class RedisServer:
     def start(self) -> None:
         cmd = [
             REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(self.dir), "--daemonize", "no", "--enable-debug-command", "yes", "--logfile", str(self.dir / "redis.log"), *self.extra,
+            "--dir", str(self.dir), "--daemonize", "no", "--enable-debug-command", "yes",
+            "--logfile", str(self.dir / "redis.log"), *self.extra,
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, proc=self.proc)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -64,7 +64,9 @@ def test_noauth_before_authentication(authed_proxy: ProxyProcess) -> None:
     )
 
 
-def test_client_credentials_never_reach_redis(redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess]) -> None:
+def test_client_credentials_never_reach_redis(
+    redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess]
+) -> None:
     """Redis has a password the clients never see; clients have passwords Redis never sees."""
     admin = redis_server.client()
     admin.config_set("requirepass", "upstream-secret")

@@ -110,7 +110,7 @@ def test_transactions_and_watch_conflicts(r: redis.Redis, proxy: ProxyProcess) -
         p.reset()  # redis-py sends DISCARD / UNWATCH as needed
     assert r.get("never") is None
     # A queued command with a wrong arity aborts EXEC (Redis's own EXECABORT passes through).
-    with pytest.raises(redis.ResponseError, match="EXECABORT|wrong number"):
+    with pytest.raises(redis.ResponseError, match=r"EXECABORT|wrong number"):
         r.execute_command("MULTI")
         r.execute_command("GET")
     with pytest.raises(redis.exceptions.ExecAbortError, match="discarded because of previous errors"):
@@ -168,7 +168,7 @@ def test_resp2_subscribed_mode_rules(proxy: ProxyProcess) -> None:
     assert conn.read_response() == [b"subscribe", b"a", 1]
     assert conn.read_response() == [b"subscribe", b"b", 2]
     conn.send_command("GET", "x")
-    with pytest.raises(redis.ResponseError, match="only .*allowed in this context"):
+    with pytest.raises(redis.ResponseError, match=r"only .*allowed in this context"):
         conn.read_response()
     conn.send_command("PING")
     assert conn.read_response() == [b"pong", b""]
