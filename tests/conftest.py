@@ -128,7 +128,8 @@ class ProxyProcess:
         self._log.close()
 
     def logs(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
 

@@ -170,15 +170,27 @@ def test_reply_parser_attribute_alone_is_not_a_frame() -> None:
     assert parser.next() == (resp.REPLY, b"|1\r\n+ttl\r\n:3600\r\n:1\r\n")
 
 
+NESTED_ATTRIBUTES = [
+    # The RESP3 spec's own example: the attribute annotates the array's third element; it is not an element.
+    (b"*3\r\n:1\r\n:2\r\n|1\r\n+ttl\r\n:3600\r\n:3\r\n", [1, 2, 3]),
+    (b"*2\r\n|0\r\n+a\r\n+b\r\n", [b"a", b"b"]),
+    (b"%1\r\n+k\r\n|1\r\n+x\r\n+y\r\n*1\r\n:5\r\n", {b"k": [5]}),
+    (b">2\r\n+message\r\n|1\r\n+x\r\n*1\r\n|1\r\n+y\r\n:1\r\n+z\r\n:9\r\n", resp.Push([b"message", 9])),
+    (b"|1\r\n+a\r\n+b\r\n*1\r\n|1\r\n+c\r\n+d\r\n:7\r\n", [7]),
+]
+
+
 def test_reply_parser_attribute_inside_an_aggregate() -> None:
-    # The RESP3 spec's own example: an attribute annotating the third element of an array belongs to that
-    # element; it is not an element itself. The array is one frame of all seven lines.
-    raw = b"*3\r\n:1\r\n:2\r\n|1\r\n+ttl\r\n:3600\r\n:3\r\n"
-    for chunks in ([raw], bytewise(raw)):
-        frames, parser = frame_replies(chunks)
-        assert frames == [(resp.REPLY, raw)]
-        assert parser.buffered == 0
-    assert resp.decode(raw) == [1, 2, 3]
+    # An attribute may annotate any value, also one inside an aggregate; the aggregate is still one frame.
+    misframed = []
+    for raw, value in NESTED_ATTRIBUTES:
+        kind = resp.PUSH if isinstance(value, resp.Push) else resp.REPLY
+        for chunks in ([raw + b"+next\r\n"], bytewise(raw + b"+next\r\n")):
+            frames, parser = frame_replies(chunks)
+            if frames != [(kind, raw), (resp.REPLY, b"+next\r\n")] or parser.buffered:
+                misframed.append((raw, frames))
+        assert same(resp.decode(raw), value)
+    assert misframed == []
 
 
 def test_reply_parser_rejects_unknown_type_byte() -> None:

@@ -56,14 +56,50 @@ QUEUED = b"+QUEUED\r\n"
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
 WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
 HANDSHAKE = [[b"AUTH", b"upstream-secret"], [b"SELECT", b"2"]]
-HANDSHAKE_BYTES = cmd("AUTH", "upstream-secret") + cmd("SELECT", "2")
 HELLO3_REPLY = b"%2\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n"
+
+
+def requests_in(data: bytes) -> list[list[bytes]]:
+    parser = resp.RequestParser()
+    parser.feed(data)
+    reqs = [r.args for r in iter(parser.next, None)]
+    assert parser.buffered == 0
+    return reqs
+
+
+# The proxy writes commands of its own on a new (or RESET) upstream connection: the configured handshake first, and
+# whatever else it needs for itself after it (CLIENT ID). Tests answer those as Redis would, and check only that
+# the handshake leads and that the client's own commands follow unchanged.
+
+
+def answer_own(own: bytes) -> bytes:
+    """Redis's replies to the proxy's own commands."""
+    out = bytearray()
+    for args in requests_in(own):
+        out += b":42\r\n" if [a.upper() for a in args[:2]] == [b"CLIENT", b"ID"] else OK
+    return bytes(out)
+
+
+def own_part(up: bytes, client: bytes, handshake: list[list[bytes]] = HANDSHAKE) -> bytes:
+    """``up`` must be the proxy's own commands, led by ``handshake``, then exactly the client's ``client``."""
+    assert up.endswith(client), up
+    own = up[: len(up) - len(client)]
+    assert requests_in(own)[: len(handshake)] == handshake
+    return own
+
+
+def settle(s: Session) -> None:
+    """Answer what the proxy sent for itself on opening the upstream connection."""
+    s.from_upstream(answer_own(s.take_upstream()))
+    assert s.take_client() == b""
+    assert s.pending == 0
 
 
 def open_session(**kw: object) -> Session:
     """No users, no handshake: the client is authenticated as default from the start."""
     s = Session(Users(), **kw)  # type: ignore[arg-type]
     assert s.take_events() == [OpenUpstream()]
+    settle(s)
     return s
 
 
@@ -73,18 +109,12 @@ def authed_session() -> Session:
     s.from_client(cmd("AUTH", "alice", "pw"))
     assert s.take_client() == OK
     assert s.take_events() == [OpenUpstream()]
-    assert s.take_upstream() == b""
+    settle(s)
     return s
 
 
 def closed(events: list[session.Event]) -> bool:
     return [type(e) for e in events] == [Close]
-
-
-def requests_in(data: bytes) -> list[list[bytes]]:
-    parser = resp.RequestParser()
-    parser.feed(data)
-    return [r.args for r in iter(parser.next, None)]
 
 
 # ------------------------------------------------------------------------------------------------------------ ordering
@@ -158,8 +188,11 @@ def test_auth_user_pass_ok() -> None:
     s.from_client(cmd("AUTH", "alice", "pw") + cmd("GET", "a"))
     assert s.take_client() == OK
     assert s.take_events() == [OpenUpstream()]
-    assert s.take_upstream() == cmd("GET", "a")
+    own = own_part(s.take_upstream(), cmd("GET", "a"), handshake=[])
+    assert b"pw" not in own
     assert s.user == "alice"
+    s.from_upstream(answer_own(own) + bulk(b"v"))
+    assert s.take_client() == bulk(b"v")
 
 
 def test_auth_wrong_password() -> None:
@@ -222,11 +255,12 @@ def test_hello_auth_authenticates_and_strips_credentials() -> None:
     s = Session(Users({b"alice": b"pw"}))
     s.from_client(cmd("HELLO", "3", "AUTH", "alice", "pw"))
     assert s.take_events() == [OpenUpstream()]
-    assert s.take_upstream() == cmd("HELLO", "3")
+    own = own_part(s.take_upstream(), cmd("HELLO", "3"), handshake=[])
+    assert b"pw" not in own
     assert s.protocol == 3
     assert s.user == "alice"
     assert s.take_client() == b""
-    s.from_upstream(HELLO3_REPLY)
+    s.from_upstream(answer_own(own) + HELLO3_REPLY)
     assert s.take_client() == HELLO3_REPLY
     assert s.protocol == 3
 
@@ -234,14 +268,14 @@ def test_hello_auth_authenticates_and_strips_credentials() -> None:
 def test_hello_auth_setname() -> None:
     s = Session(Users({b"alice": b"pw"}))
     s.from_client(cmd("hello", "3", "auth", "alice", "pw", "setname", "worker-1"))
-    assert s.take_upstream() == cmd("HELLO", "3", "SETNAME", "worker-1")
+    own_part(s.take_upstream(), cmd("HELLO", "3", "SETNAME", "worker-1"), handshake=[])
 
 
 def test_hello_auth_after_handshake() -> None:
     s = Session(Users({b"alice": b"pw"}), upstream_handshake=HANDSHAKE)
     s.from_client(cmd("HELLO", "3", "AUTH", "alice", "pw"))
-    assert s.take_upstream() == HANDSHAKE_BYTES + cmd("HELLO", "3")
-    s.from_upstream(OK + OK + HELLO3_REPLY)
+    own = own_part(s.take_upstream(), cmd("HELLO", "3"))
+    s.from_upstream(answer_own(own) + HELLO3_REPLY)
     assert s.take_client() == HELLO3_REPLY
 
 
@@ -257,8 +291,11 @@ def test_hello_wrong_password() -> None:
 def test_hello_without_auth_when_required() -> None:
     s = Session(Users({b"alice": b"pw"}))
     s.from_client(cmd("HELLO", "3"))
-    assert s.take_client() == err(session.NOAUTH_HELLO)
-    assert s.take_client() == b""
+    assert s.take_client() == (
+        b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH "
+        b"<user> <pass> option can be used to authenticate the client and select the RESP protocol version at the "
+        b"same time\r\n"
+    )
     assert s.take_upstream() == b""
     assert s.protocol == 2
 
@@ -307,9 +344,10 @@ def test_handshake_sent_once_authenticated_and_swallowed() -> None:
     s.from_client(cmd("AUTH", "alice", "pw") + cmd("GET", "a"))
     assert s.take_client() == OK
     assert s.take_events() == [OpenUpstream()]
-    assert s.take_upstream() == HANDSHAKE_BYTES + cmd("GET", "a")
-    s.from_upstream(OK)
-    s.from_upstream(OK)
+    own = own_part(s.take_upstream(), cmd("GET", "a"))
+    replies = answer_own(own)
+    for i in range(len(replies)):  # swallowed, whatever the split
+        s.from_upstream(replies[i : i + 1])
     assert s.take_client() == b""
     s.from_upstream(bulk(b"v"))
     assert s.take_client() == bulk(b"v")
@@ -323,11 +361,11 @@ def test_handshake_sent_once_authenticated_and_swallowed() -> None:
 def test_handshake_sent_at_once_without_users() -> None:
     s = Session(Users(), upstream_handshake=HANDSHAKE)
     assert s.take_events() == [OpenUpstream()]
-    assert s.take_upstream() == HANDSHAKE_BYTES
+    own = own_part(s.take_upstream(), b"")
     # A local reply waits for the handshake's replies like any other.
     s.from_client(cmd("AUTH", "default", "x"))
     assert s.take_client() == b""
-    s.from_upstream(OK + OK)
+    s.from_upstream(answer_own(own))
     assert s.take_client() == OK
 
 
@@ -341,7 +379,7 @@ def test_handshake_error_raises_upstream_failed() -> None:
     assert len(events) == 1 and isinstance(events[0], UpstreamFailed)
     assert "WRONGPASS" in events[0].reason
     assert s.take_client() == b""  # the client never sees the proxy's own handshake
-    # Nor what Redis says after it (SELECT's and GET's refusals): the proxy answers the client itself.
+    # Nor what Redis says after it (its refusals of the rest of the handshake and of GET): the proxy answers.
     s.from_upstream(NOAUTH + NOAUTH)
     assert s.take_client() == b""
 
@@ -352,6 +390,28 @@ def test_handshake_select_error_raises_upstream_failed() -> None:
     s.from_upstream(OK + b"-ERR DB index is out of range\r\n")
     assert s.take_events() == [UpstreamFailed("ERR DB index is out of range")]
     assert s.take_client() == b""
+
+
+def test_upstream_connection_id_is_recorded() -> None:
+    # The proxy learns its upstream connection's CLIENT ID, to end a gone client's blocked pop with CLIENT UNBLOCK.
+    s = Session(Users(), upstream_handshake=HANDSHAKE)
+    own = own_part(s.take_upstream(), b"")
+    assert [b"CLIENT", b"ID"] in requests_in(own)
+    s.from_upstream(answer_own(own))
+    assert s.upstream_id == 42
+    assert s.take_client() == b""
+
+
+def test_upstream_connection_id_refused_is_not_fatal() -> None:
+    s = Session(Users())
+    s.take_events()
+    own = s.take_upstream()
+    s.from_client(cmd("GET", "a"))
+    refusal = b"-NOPERM this user has no permissions to run the 'client|id' command\r\n"
+    s.from_upstream(answer_own(own).replace(b":42\r\n", refusal) + bulk(b"v"))
+    assert s.take_events() == []
+    assert s.take_client() == bulk(b"v")
+    assert s.upstream_id is None
 
 
 # -------------------------------------------------------------------------------------------------------- RESP3 pushes
@@ -388,7 +448,7 @@ def test_resp3_subscribe_expects_no_reply() -> None:
     s.from_client(cmd("HELLO", "3"))
     assert s.take_upstream() == cmd("HELLO", "3")
     s.from_upstream(HELLO3_REPLY)
-    s.take_client()
+    assert s.take_client() == HELLO3_REPLY
     s.from_client(cmd("SUBSCRIBE", "a", "b") + cmd("AUTH", "default", "x"))
     assert s.take_upstream() == cmd("SUBSCRIBE", "a", "b")
     assert s.take_client() == OK  # nothing to wait for: confirmations are pushes
@@ -554,6 +614,8 @@ def redis_answers(upstream: bytes, values: dict[bytes, bytes] | None = None) -> 
             continue
         if name == b"RESET":
             out += b"+RESET\r\n"
+        elif name == b"CLIENT" and args[1].upper() == b"ID":
+            out += b":42\r\n"
         elif name == b"GET":
             out += bulk(values[args[1]]) if args[1] in values else b"$-1\r\n"
         elif name == b"PING":
@@ -623,7 +685,8 @@ def test_reset_is_answered_even_with_replies_off() -> None:
     s = open_session()
     s.from_client(cmd("CLIENT", "REPLY", "OFF") + cmd("RESET") + cmd("PING"))
     up = s.take_upstream()
-    assert requests_in(up) == [[b"CLIENT", b"REPLY", b"OFF"], [b"RESET"], [b"PING"]]
+    reqs = requests_in(up)
+    assert reqs[:2] == [[b"CLIENT", b"REPLY", b"OFF"], [b"RESET"]] and reqs[-1] == [b"PING"]
     s.from_upstream(redis_answers(up))
     assert s.take_client() == b"+RESET\r\n+PONG\r\n"
     assert s.pending == 0
@@ -652,8 +715,7 @@ def test_multi_exec_forwarded() -> None:
 
 
 def test_denied_command_in_multi_aborts_exec() -> None:
-    s = Session(Users(), policy=DenyFlushall())
-    s.take_events()
+    s = open_session(policy=DenyFlushall())
     s.from_client(cmd("MULTI") + cmd("SET", "a", "1") + cmd("FLUSHALL") + cmd("EXEC") + cmd("GET", "a"))
     assert requests_in(s.take_upstream()) == [[b"MULTI"], [b"SET", b"a", b"1"], [b"DISCARD"], [b"GET", b"a"]]
     s.from_upstream(OK + QUEUED + OK + b"$-1\r\n")
@@ -665,13 +727,13 @@ def test_denied_command_in_multi_aborts_exec() -> None:
 
 
 def test_denied_command_outside_multi_is_not_forwarded() -> None:
-    s = Session(Users(), policy=DenyFlushall())
+    s = open_session(policy=DenyFlushall())
     s.from_client(cmd("FLUSHALL") + cmd("MULTI") + cmd("EXEC"))
     assert requests_in(s.take_upstream()) == [[b"MULTI"], [b"EXEC"]]  # the later EXEC is not aborted
 
 
 def test_discard_clears_a_dirty_transaction() -> None:
-    s = Session(Users(), policy=DenyFlushall())
+    s = open_session(policy=DenyFlushall())
     s.from_client(cmd("MULTI") + cmd("FLUSHALL") + cmd("DISCARD") + cmd("MULTI") + cmd("EXEC"))
     assert requests_in(s.take_upstream()) == [[b"MULTI"], [b"DISCARD"], [b"MULTI"], [b"EXEC"]]
 
@@ -709,16 +771,19 @@ def test_reset_replays_handshake_and_deauthenticates() -> None:
     s = Session(Users({b"alice": b"pw"}), upstream_handshake=HANDSHAKE)
     s.from_client(cmd("AUTH", "alice", "pw") + cmd("HELLO", "3"))
     s.take_events()
-    assert s.take_upstream() == HANDSHAKE_BYTES + cmd("HELLO", "3")
-    s.from_upstream(OK + OK + HELLO3_REPLY)
+    own = own_part(s.take_upstream(), cmd("HELLO", "3"))
+    s.from_upstream(answer_own(own) + HELLO3_REPLY)
     assert s.take_client() == OK + HELLO3_REPLY
     assert s.protocol == 3
     s.from_client(cmd("RESET") + cmd("GET", "a"))
-    assert s.take_upstream() == cmd("RESET") + HANDSHAKE_BYTES
+    up = s.take_upstream()
+    assert up.startswith(cmd("RESET"))
+    own = up[len(cmd("RESET")) :]
+    assert requests_in(own)[:2] == HANDSHAKE  # replayed right behind RESET
     assert s.protocol == 2
     assert s.user is None
     assert s.take_client() == b""  # NOAUTH waits behind RESET
-    s.from_upstream(b"+RESET\r\n" + OK + OK)
+    s.from_upstream(b"+RESET\r\n" + answer_own(own))
     assert s.take_client() == b"+RESET\r\n" + NOAUTH
     assert s.pending == 0
     assert s.take_events() == []
@@ -727,7 +792,9 @@ def test_reset_replays_handshake_and_deauthenticates() -> None:
 def test_reset_without_users_stays_authenticated() -> None:
     s = open_session()
     s.from_client(cmd("HELLO", "3") + cmd("RESET") + cmd("GET", "a"))
-    assert s.take_upstream() == cmd("HELLO", "3") + cmd("RESET") + cmd("GET", "a")
+    reqs = requests_in(s.take_upstream())
+    assert reqs[:2] == [[b"HELLO", b"3"], [b"RESET"]]
+    assert reqs[-1] == [b"GET", b"a"]
     assert s.protocol == 2
     assert s.user == "default"
 
@@ -737,8 +804,11 @@ def test_reset_leaves_subscribed_mode() -> None:
     # a pub/sub message must be taken as the reply it is.
     s = subscribed_session()
     s.from_client(cmd("RESET"))
-    s.from_upstream(b"+RESET\r\n")
+    up = s.take_upstream()
+    assert up.startswith(cmd("RESET"))
+    s.from_upstream(b"+RESET\r\n" + answer_own(up[len(cmd("RESET")) :]))
     assert s.take_client() == b"+RESET\r\n"
+    assert s.pending == 0
     assert not s.subscribed
     s.from_client(cmd("LRANGE", "l", "0", "-1") + cmd("AUTH", "default", "x"))
     looks_like_message = message(b"x", b"y")
@@ -867,6 +937,18 @@ def test_client_gone_after_pop_was_answered() -> None:
     s.from_client(cmd("BRPOP", "q", "0") + cmd("GET", "a"))
     s.from_upstream(arr(bulk(b"q"), bulk(b"x")))
     assert s.client_gone() is False  # the pop was answered; only GET is outstanding
+
+
+def test_blocked_while_a_blocking_command_is_outstanding() -> None:
+    s = open_session()
+    s.from_client(cmd("GET", "a"))
+    assert not s.blocked
+    s.from_client(cmd("BRPOP", "q", "0"))
+    assert s.blocked
+    s.from_upstream(bulk(b"1"))
+    assert s.blocked
+    s.from_upstream(b"*-1\r\n")
+    assert not s.blocked
 
 
 def undelivered_case() -> tuple[Session, list[bytes]]:
