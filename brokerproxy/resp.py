@@ -37,6 +37,16 @@ DEFAULT_MAX_INLINE_LENGTH = 64 * 1024
 #: Redis ``client-query-buffer-limit`` default: 1 GB of unparsed request bytes per connection.
 DEFAULT_MAX_BUFFERED_BYTES = 1024 * 1024 * 1024
 
+
+def _length(text: bytes | bytearray) -> int:
+    """A length as Redis's string2ll reads it: ASCII digits after an optional '-', and no '+', spaces, underscores
+    or leading zeros, all of which Python's int() accepts. ValueError for anything Redis would refuse."""
+    digits = text[1:] if text[:1] == b"-" else text
+    if not digits.isdigit() or (digits[:1] == b"0" and len(text) > 1):
+        raise ValueError(text)
+    return int(text)
+
+
 # Compact the consumed prefix of a buffer once it passes this many bytes.
 _COMPACT_AT = 64 * 1024
 
@@ -109,7 +119,7 @@ class RequestParser:
                 raise ProtocolError("too big mbulk count string")
             return None
         try:
-            count = int(buf[pos + 1 : nl])
+            count = _length(buf[pos + 1 : nl])
         except ValueError:
             raise ProtocolError("invalid multibulk length") from None
         if count > limits.max_array_length:
@@ -132,7 +142,7 @@ class RequestParser:
                     raise ProtocolError("too big bulk count string")
                 return None
             try:
-                size = int(buf[cur + 1 : nl])
+                size = _length(buf[cur + 1 : nl])
             except ValueError:
                 raise ProtocolError("invalid bulk length") from None
             if size < 0 or size > limits.max_bulk_length:
@@ -279,13 +289,14 @@ class ReplyParser:
         # Skip attributes to find the kind of the value they annotate.
         first = start
         while buf[first] == 0x7C:  # '|'
-            first = _skip_one(buf, first, end)
+            first = _skip_attribute(buf, first, end)
         kind = PUSH if buf[first] == 0x3E else REPLY
         return kind, bytes(buf[start:end])
 
 
 def _skip_one(buf: bytearray, pos: int, end: int) -> int:
-    """End offset of the one frame starting at pos (an attribute is one frame here), or -1 if incomplete."""
+    """End offset of the one value starting at pos, with the attributes in front of it and inside it, or -1 if
+    incomplete."""
     # Iterative: a stack of how many frames are still owed at each open aggregate level.
     owed = 1
     stack: list[int] = []
@@ -311,6 +322,11 @@ def _skip_one(buf: bytearray, pos: int, end: int) -> int:
             pos = nl + 2
             if t in _MAP_TYPES:
                 n *= 2
+            if t == 0x7C:  # '|': an attribute annotates the value after it and is not one of the owed values
+                if n > 0:
+                    stack.append(owed)
+                    owed = n
+                continue
             if n > 0:
                 stack.append(owed - 1)
                 owed = n
@@ -326,13 +342,17 @@ def _skip_one(buf: bytearray, pos: int, end: int) -> int:
 
 def _skip(buf: bytearray, pos: int, end: int) -> int:
     """End of the next reply: one value, with any attributes in front of it."""
-    while True:
-        if pos >= end:
-            return -1
-        is_attr = buf[pos] == 0x7C
+    return _skip_one(buf, pos, end)
+
+
+def _skip_attribute(buf: bytearray, pos: int, end: int) -> int:
+    """End of the complete attribute at pos (its pairs only, not the value it annotates)."""
+    nl = buf.find(b"\r\n", pos)
+    count = 2 * int(buf[pos + 1 : nl])
+    pos = nl + 2
+    for _ in range(count):
         pos = _skip_one(buf, pos, end)
-        if pos < 0 or not is_attr:
-            return pos
+    return pos
 
 
 class Verbatim(bytes):

@@ -139,6 +139,7 @@ class _Slot:
 
 
 _CLIENT_ID = resp.encode_command([b"CLIENT", b"ID"])
+_PING = resp.encode_command([b"PING"])
 _MESSAGE_PREFIXES = (b"*3\r\n$7\r\nmessage\r\n", b"*4\r\n$8\r\npmessage\r\n", b"*3\r\n$8\r\nsmessage\r\n")
 
 
@@ -273,6 +274,10 @@ class Session:
 
     def _local(self, data: bytes, force: bool = False) -> None:
         if not force and (self._reply_off or self._reply_skip):
+            if self._reply_skip:
+                # Redis's own SKIP is armed for the next command it runs, which is not this one (Redis never sees
+                # it): spend it on a PING whose reply Redis then drops, so the next forwarded reply is not dropped.
+                self._out_upstream += _PING
             self._reply_skip = False
             return
         if self._slots:
@@ -392,7 +397,8 @@ class Session:
     def _cmd_reset(self, req: resp.Request) -> None:
         # RESET also de-authenticates the upstream connection and selects db 0 there: replay the proxy's own
         # handshake right behind it, in the same write, so no command of the client's runs in between.
-        self._forward(req)
+        self._reply_off = False  # Redis turns replies back on before it answers RESET (a running SKIP still holds)
+        self._forward(req, hook="reset")
         self._send_handshake()
         self.protocol = 2
         self.db = 0
@@ -545,6 +551,9 @@ class Session:
                 self.db = int(slot.request.args[1])
             elif hook == "monitor" and not is_error:
                 self._monitor = True
+            elif hook == "reset" and not is_error:
+                # RESET unsubscribed everything without confirmations: messages may arrive up to +RESET, none after.
+                self._subscribed_seen = self._shard_seen = 0
         if not self._gone:
             self._out_client += raw
 
