@@ -26,6 +26,11 @@ from dataclasses import dataclass
 
 from .errors import ProtocolError
 
+try:  # hiredis frames requests in C; without it the pure-Python parser does the same work, slower
+    import hiredis as _hiredis
+except ImportError:  # pragma: no cover - hiredis is a dependency, but the proxy works without it
+    _hiredis = None  # type: ignore[assignment]
+
 # Named limits, with Redis's own as precedent.
 #: Redis ``proto-max-bulk-len`` default: 512 MB.
 DEFAULT_MAX_BULK_LENGTH = 512 * 1024 * 1024
@@ -62,6 +67,19 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+_NAMES: dict[bytes, str] = {}
+_NAMES_MAX = 4096  # distinct spellings remembered; a client sending random names cannot grow it further
+
+
+def _command_name(raw: bytes) -> str:
+    name = _NAMES.get(raw)
+    if name is None:
+        name = raw.decode("latin-1").lower()
+        if len(_NAMES) < _NAMES_MAX:
+            _NAMES[raw] = name
+    return name
+
+
 class Request:
     """One framed client request: its arguments and the exact bytes it arrived as."""
 
@@ -71,7 +89,7 @@ class Request:
         self.args = args
         self.raw = raw
         # Lower-cased command name as str: the key into the command table.
-        self.name = args[0].decode("latin-1").lower() if args else ""
+        self.name = _command_name(args[0]) if args else ""
 
     def __repr__(self) -> str:
         return f"Request({self.args!r})"
@@ -177,6 +195,96 @@ class RequestParser:
         return Request(args, encode_command(args) if args else b"")
 
 
+class HiredisRequestParser(RequestParser):
+    """RequestParser with hiredis doing the framing in C, about four times faster per request.
+
+    hiredis hands back the arguments but not where the request ended. Clients send canonical multibulk (redis-py,
+    kombu, redis-cli, redis-benchmark all do), whose length follows from the arguments; the frame is accepted only if
+    it ends on a CRLF exactly there. Anything else (inline commands, hiredis errors, lengths that do not line up,
+    a non-bulk element) goes to the pure-Python parser, which is exact and words errors as Redis does, and hiredis
+    restarts after that frame. Redis itself refuses non-canonical lengths, so what it executes is what was checked.
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        super().__init__(limits)
+        self._reader = _hiredis.Reader()
+        self._fed = 0  # offset in the buffer up to which hiredis has been fed
+        self._checked = -1  # start of the incomplete request whose headers were last checked
+
+    def feed(self, data: bytes) -> None:
+        if self._pos >= _COMPACT_AT:
+            self._fed -= self._pos
+            self._checked = -1
+        super().feed(data)
+
+    def _exact(self) -> Request | None:
+        """Parse at the current position with the exact parser; hiredis restarts after what it consumed."""
+        req = RequestParser.next(self)
+        self._reader = _hiredis.Reader()
+        self._fed = self._pos
+        return req
+
+    def next(self) -> Request | None:
+        buf = self._buf
+        pos = self._pos
+        if pos >= len(buf):
+            return None
+        if buf[pos] != 0x2A:  # not '*': inline command
+            return self._exact()
+        if self._fed < len(buf):
+            self._reader.feed(buf, self._fed)  # type: ignore[arg-type]  # any buffer works, stubs say bytes
+            self._fed = len(buf)
+        try:
+            args = self._reader.gets()
+        except _hiredis.ProtocolError:
+            return self._exact()
+        if args is False:
+            if pos != self._checked or len(buf) - pos > _CHECK_PARTIAL_AT:
+                self._checked = pos
+                # An incomplete request (seen for the first time, or large): let the exact parser check its
+                # headers against the limits now (it raises on a bad one, says None while it is incomplete).
+                req = RequestParser.next(self)
+                if req is not None:  # the exact parser saw a whole request where hiredis did not: trust it
+                    self._reader = _hiredis.Reader()
+                    self._fed = self._pos
+                return req
+            return None
+        # The canonical length: '*' n CRLF, then per argument '$' len CRLF data CRLF. A loop with a digit-count
+        # table is several times cheaper here than str() per argument.
+        ok = type(args) is list and 0 < len(args) <= self._limits.max_array_length
+        if ok:
+            n = len(args)
+            end = pos + 3 + (_DIGITS[n] if n < _DIGITS_MAX else len(str(n))) + 5 * n
+            max_bulk = self._limits.max_bulk_length
+            for a in args:
+                if type(a) is not bytes:
+                    ok = False
+                    break
+                size = len(a)
+                if size > max_bulk:
+                    ok = False
+                    break
+                end += size + (_DIGITS[size] if size < _DIGITS_MAX else len(str(size)))
+            ok = ok and buf[end - 2 : end] == b"\r\n"
+        if not ok:
+            self._pos = pos
+            return self._exact()
+        self._pos = end
+        return Request(args, bytes(buf[pos:end]))
+
+
+_DIGITS_MAX = 1 << 16
+_DIGITS = bytes(len(str(i)) for i in range(_DIGITS_MAX))  # decimal digits of each length below 64 Ki
+
+#: Above this many unparsed bytes in one incomplete request, check its headers with the exact parser.
+_CHECK_PARTIAL_AT = 1024 * 1024
+
+
+def request_parser(limits: Limits = DEFAULT_LIMITS) -> RequestParser:
+    """The fastest request parser available: hiredis-backed when hiredis is installed."""
+    return HiredisRequestParser(limits) if _hiredis is not None else RequestParser(limits)
+
+
 _HEX = b"0123456789abcdefABCDEF"
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b", ord("a"): b"\a"}
 
@@ -265,6 +373,7 @@ class ReplyParser:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0
+        self.start = 0
 
     @property
     def buffered(self) -> int:
@@ -276,22 +385,61 @@ class ReplyParser:
             self._pos = 0
         self._buf += data
 
-    def next(self) -> tuple[int, bytes] | None:
+    def advance(self) -> int:
+        """Frame the next reply in place: -1 if incomplete, else its kind (REPLY or PUSH), with the frame at
+        ``start``..``pos``. The hot path: no copy, and the common one-line and bulk replies take no call."""
         buf = self._buf
         start = self._pos
+        self.start = start
+        if start >= len(buf):
+            return -1
+        t = buf[start]
         try:
+            if t in _LINE_TYPES:
+                nl = buf.find(b"\r\n", start)
+                if nl < 0:
+                    return -1
+                self._pos = nl + 2
+                return REPLY
+            if t == 0x24:  # '$'
+                nl = buf.find(b"\r\n", start)
+                if nl < 0:
+                    return -1
+                size = int(buf[start + 1 : nl])
+                end = nl + 2 if size < 0 else nl + 4 + size
+                if end > len(buf):
+                    return -1
+                self._pos = end
+                return REPLY
             end = _skip(buf, start, len(buf))
         except ValueError:
             raise ProtocolError("malformed length in reply from upstream") from None
         if end < 0:
-            return None
+            return -1
         self._pos = end
         # Skip attributes to find the kind of the value they annotate.
         first = start
         while buf[first] == 0x7C:  # '|'
             first = _skip_attribute(buf, first, end)
-        kind = PUSH if buf[first] == 0x3E else REPLY
-        return kind, bytes(buf[start:end])
+        return PUSH if buf[first] == 0x3E else REPLY
+
+    @property
+    def pos(self) -> int:
+        return self._pos
+
+    def frame(self) -> bytes:
+        """The bytes of the frame ``advance()`` just framed."""
+        return bytes(self._buf[self.start : self._pos])
+
+    def span(self, start: int, end: int) -> memoryview:
+        """A view of frames ``start``..``end`` (offsets from ``advance``), valid until the next ``feed``."""
+        return memoryview(self._buf)[start:end]
+
+    def next(self) -> tuple[int, bytes] | None:
+        kind = self.advance()
+        if kind < 0:
+            return None
+        return kind, self.frame()
 
 
 def _skip_one(buf: bytearray, pos: int, end: int) -> int:

@@ -138,6 +138,9 @@ class _Slot:
         self.hook = hook  # "" on the hot path; names a reply handler otherwise
 
 
+#: The slot of an ordinary forwarded request (one reply, nothing to do with it but forward it): one shared object,
+#: so the hot path allocates no slot.
+_PLAIN = _Slot(_FORWARD)
 _CLIENT_ID = resp.encode_command([b"CLIENT", b"ID"])
 _PING = resp.encode_command([b"PING"])
 _MESSAGE_PREFIXES = (b"*3\r\n$7\r\nmessage\r\n", b"*4\r\n$8\r\npmessage\r\n", b"*3\r\n$8\r\nsmessage\r\n")
@@ -154,7 +157,7 @@ class Session:
     ) -> None:
         self._auth = authenticator
         self._policy = policy
-        self._requests = resp.RequestParser(limits)
+        self._requests = resp.request_parser(limits)
         self._replies = resp.ReplyParser()
         self._handshake = [resp.encode_command(c) for c in upstream_handshake]
         self._slots: deque[_Slot] = deque()
@@ -269,7 +272,9 @@ class Session:
             self._reply_skip = False
             expected = 0
             hook = ""
-        if expected:
+        if expected == 1 and not hook and req.name not in POPS:
+            self._slots.append(_PLAIN)
+        elif expected:
             self._slots.append(_Slot(_FORWARD, expected, request=req, hook=hook))
 
     def _local(self, data: bytes, force: bool = False) -> None:
@@ -489,36 +494,75 @@ class Session:
         parser.feed(data)
         out = self._out_client
         slots = self._slots
+        # Hot path: consecutive replies to plain forwarded requests are written as one span of the upstream
+        # buffer, without copying each frame. Anything else flushes the span and takes the slow path.
+        span_start = span_end = 0
+        plain = _PLAIN
         while True:
-            frame = parser.next()
-            if frame is None:
-                return
-            kind, raw = frame
+            kind = parser.advance()
+            if kind < 0:
+                break
+            if (
+                kind == resp.REPLY
+                and slots
+                and slots[0] is plain
+                and not self._monitor
+                and not self._subscribed_seen
+                and not self._shard_seen
+                and not self._gone
+            ):
+                slots.popleft()
+                if span_end != parser.start:
+                    if span_end:
+                        out += parser.span(span_start, span_end)
+                    span_start = parser.start
+                span_end = parser.pos
+                if slots and slots[0].kind == _LOCAL:
+                    out += parser.span(span_start, span_end)
+                    span_start = span_end = 0
+                    self._flush_local()
+                continue
+            if span_end:
+                out += parser.span(span_start, span_end)
+                span_start = span_end = 0
+            self._frame(kind, parser.frame())
             if self._upstream_failed:
                 return
-            if kind == resp.PUSH or self._monitor or (
-                (self._subscribed_seen or self._shard_seen) and raw.startswith(_MESSAGE_PREFIXES)
-            ):
-                if not self._gone:
-                    out += raw
-                continue
-            if not slots:
-                raise ProtocolError("reply from upstream with no request waiting for it")
-            slot = slots[0]
-            if slot.kind == _FORWARD and not slot.hook:
-                slots.popleft()
-                if self._gone:
-                    self._lost_reply(slot, raw)
-                else:
-                    out += raw
-                    if slot.request is not None and slot.request.name in POPS and not _is_null(raw):
-                        self._delivered_pops.append((self._written + len(out), slot.request, raw))
+        if span_end:
+            out += parser.span(span_start, span_end)
+
+    def _flush_local(self) -> None:
+        """Write the local replies now at the head of the FIFO."""
+        slots = self._slots
+        while slots and slots[0].kind == _LOCAL:
+            data = slots.popleft().data
+            if not self._gone:
+                self._out_client += data
+
+    def _frame(self, kind: int, raw: bytes) -> None:
+        """One upstream frame, off the hot path."""
+        out = self._out_client
+        slots = self._slots
+        if kind == resp.PUSH or self._monitor or (
+            (self._subscribed_seen or self._shard_seen) and raw.startswith(_MESSAGE_PREFIXES)
+        ):
+            if not self._gone:
+                out += raw
+            return
+        if not slots:
+            raise ProtocolError("reply from upstream with no request waiting for it")
+        slot = slots[0]
+        if slot.kind == _FORWARD and not slot.hook:
+            slots.popleft()
+            if self._gone:
+                self._lost_reply(slot, raw)
             else:
-                self._special_reply(slot, raw)
-            while slots and slots[0].kind == _LOCAL:
-                data_ = slots.popleft().data
-                if not self._gone:
-                    out += data_
+                out += raw
+                if slot.request is not None and slot.request.name in POPS and not _is_null(raw):
+                    self._delivered_pops.append((self._written + len(out), slot.request, raw))
+        else:
+            self._special_reply(slot, raw)
+        self._flush_local()
 
     def _special_reply(self, slot: _Slot, raw: bytes) -> None:
         is_error = raw[:1] in (b"-", b"!")
