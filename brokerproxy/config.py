@@ -27,6 +27,8 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 #: Bytes waiting to be written to one side before reading from the other side pauses (per connection).
 DEFAULT_WRITE_BUFFER_HIGH_WATER = 1024 * 1024
+#: uvloop takes the write-buffer limits as a C int.
+MAX_WRITE_BUFFER_HIGH_WATER = 2**31 - 1
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_PREFIX = "BROKERPROXY_"
@@ -194,6 +196,18 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _bounded_int(limit: int) -> Any:
+    positive = _positive(int)
+
+    def parse(key: str, value: Any) -> Any:
+        n = positive(key, value)
+        if n > limit:
+            raise ConfigError(key, f"must be at most {limit}, got {value!r}")
+        return n
+
+    return parse
+
+
 def _log_level(key: str, value: Any) -> str:
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise ConfigError(key, f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
@@ -207,7 +221,7 @@ SCALARS: dict[str, Any] = {
     "protected_mode": _bool,
     "drain_timeout": _positive(float),
     "connect_timeout": _positive(float),
-    "write_buffer_high_water": _positive(int),
+    "write_buffer_high_water": _bounded_int(MAX_WRITE_BUFFER_HIGH_WATER),
 }
 LIMIT_KEYS = tuple(f.name for f in fields(resp.Limits))
 

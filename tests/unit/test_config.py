@@ -53,6 +53,7 @@ def test_upstream_url_credentials_and_db() -> None:
         ('upstream = "rediss://h/0"', "upstream"),
         ('log_level = "loud"', "log_level"),
         ("drain_timeout = -1", "drain_timeout"),
+        ("write_buffer_high_water = 4294967296", "write_buffer_high_water"),
         ("protected_mode = 3", "protected_mode"),
         ("surprise = 1", "surprise"),
         ("[limits]\nmax_bulk_length = 0", "limits.max_bulk_length"),
