@@ -56,8 +56,10 @@ def test_lists_and_blocking_pops(r: redis.Redis) -> None:
     assert r.brpoplpush("src", "dst", 1) == b"1"
     assert r.lrange("dst", 0, -1) == [b"1", b"2"]
     assert r.blmpop(1, 2, "nope", "dst", direction="LEFT", count=2) == [b"dst", [b"1", b"2"]]
-    r.zadd("zq", {"m": 3})
+    r.zadd("zq", {"m": 3, "n": 4})
     assert tuple(r.bzpopmin(["zq"], timeout=1)) == (b"zq", b"m", 3.0)
+    assert tuple(r.bzpopmax(["zq"], timeout=1)) == (b"zq", b"n", 4.0)
+    assert r.bzpopmax(["zq"], timeout=0.1) is None
 
 
 def test_blocking_pop_waits_for_a_push(r: redis.Redis, proxy: ProxyProcess) -> None:
@@ -253,6 +255,11 @@ def test_wait_and_xread_block(r: redis.Redis) -> None:
     entries = got[b"st"][0] if isinstance(got, dict) else got[0][1]
     assert entries[0][0] == entry_id
     assert not r.xread({"st": "$"}, block=100)
+    r.xgroup_create("st", "g", id="0")
+    got = r.xreadgroup("g", "c1", {"st": ">"}, block=100)
+    entries = got[b"st"][0] if isinstance(got, dict) else got[0][1]
+    assert entries[0][0] == entry_id
+    assert not r.xreadgroup("g", "c1", {"st": ">"}, block=100)  # blocks 100 ms, then the null reply
 
 
 def test_reset_and_quit_inline(proxy: ProxyProcess) -> None:
