@@ -121,7 +121,7 @@ _REPLACE = 3  # reply from Redis dropped, a local reply sent instead (EXEC turne
 
 
 class _Slot:
-    __slots__ = ("data", "expected", "hook", "kind", "request")
+    __slots__ = ("data", "expected", "hook", "kind", "name", "plain", "request")
 
     def __init__(
         self,
@@ -130,17 +130,31 @@ class _Slot:
         data: bytes = b"",
         request: resp.Request | None = None,
         hook: str = "",
+        name: str = "",
     ) -> None:
         self.kind = kind
         self.expected = expected
         self.data = data
         self.request = request
         self.hook = hook  # "" on the hot path; names a reply handler otherwise
+        self.name = name if request is None else request.name
+        # An ordinary forwarded request: one reply, nothing to do with it but forward it (and count it).
+        self.plain = kind == _FORWARD and expected == 1 and not hook and request is None
 
 
-#: The slot of an ordinary forwarded request (one reply, nothing to do with it but forward it): one shared object,
-#: so the hot path allocates no slot.
-_PLAIN = _Slot(_FORWARD)
+#: The slots of ordinary forwarded requests, one shared object per command name, so that the hot path allocates
+#: no slot. Bounded: past the bound, names share one slot named "unknown".
+_PLAIN_SLOTS: dict[str, _Slot] = {}
+_PLAIN_SLOTS_MAX = 1024
+
+
+def _plain_slot(name: str) -> _Slot:
+    slot = _PLAIN_SLOTS.get(name)
+    if slot is None:
+        if len(_PLAIN_SLOTS) >= _PLAIN_SLOTS_MAX:
+            name = "unknown"
+        slot = _PLAIN_SLOTS.setdefault(name, _Slot(_FORWARD, name=name))
+    return slot
 _CLIENT_ID = resp.encode_command([b"CLIENT", b"ID"])
 _PING = resp.encode_command([b"PING"])
 _MESSAGE_PREFIXES = (b"*3\r\n$7\r\nmessage\r\n", b"*4\r\n$8\r\npmessage\r\n", b"*3\r\n$8\r\nsmessage\r\n")
@@ -273,7 +287,7 @@ class Session:
             expected = 0
             hook = ""
         if expected == 1 and not hook and req.name not in POPS:
-            self._slots.append(_PLAIN)
+            self._slots.append(_plain_slot(req.name))
         elif expected:
             self._slots.append(_Slot(_FORWARD, expected, request=req, hook=hook))
 
@@ -497,7 +511,6 @@ class Session:
         # Hot path: consecutive replies to plain forwarded requests are written as one span of the upstream
         # buffer, without copying each frame. Anything else flushes the span and takes the slow path.
         span_start = span_end = 0
-        plain = _PLAIN
         while True:
             kind = parser.advance()
             if kind < 0:
@@ -505,7 +518,7 @@ class Session:
             if (
                 kind == resp.REPLY
                 and slots
-                and slots[0] is plain
+                and slots[0].plain
                 and not self._monitor
                 and not self._subscribed_seen
                 and not self._shard_seen
