@@ -26,7 +26,10 @@ SUBSCRIBED_MODE_ALLOWED = frozenset(
 #: Commands that may block the connection for as long as their timeout (0 = forever); the proxy never times them
 #: out itself. XREAD/XREADGROUP block only with BLOCK.
 BLOCKING = frozenset(
-    {"blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop", "wait", "waitaof"}
+    {
+        "blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop", "wait", "waitaof",
+        "xread", "xreadgroup",  # block only with BLOCK; CLIENT UNBLOCK on a client that is not blocked is harmless
+    }
 )
 
 Requeue = list[list[bytes]]

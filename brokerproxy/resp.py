@@ -23,6 +23,7 @@ not copied once per frame.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ProtocolError
 
@@ -71,13 +72,19 @@ _NAMES: dict[bytes, str] = {}
 _NAMES_MAX = 4096  # distinct spellings remembered; a client sending random names cannot grow it further
 
 
-def _command_name(raw: bytes) -> str:
+def command_name(raw: bytes) -> str:
+    """The lower-case name of a command as it arrived (any case), remembered for next time."""
     name = _NAMES.get(raw)
     if name is None:
         name = raw.decode("latin-1").lower()
         if len(_NAMES) < _NAMES_MAX:
             _NAMES[raw] = name
     return name
+
+
+_command_name = command_name
+#: The names remembered so far, for look-ups that skip the call.
+COMMAND_NAMES = _NAMES
 
 
 class Request:
@@ -278,6 +285,41 @@ _DIGITS = bytes(len(str(i)) for i in range(_DIGITS_MAX))  # decimal digits of ea
 
 #: Above this many unparsed bytes in one incomplete request, check its headers with the exact parser.
 _CHECK_PARTIAL_AT = 1024 * 1024
+
+
+if _hiredis is not None:
+    FastParseError: type[Exception] = _hiredis.ProtocolError
+    PushNotification: type = _hiredis.PushNotification
+else:  # pragma: no cover
+
+    class FastParseError(Exception):  # type: ignore[no-redef]
+        pass
+
+    class PushNotification(list):  # type: ignore[no-redef,type-arg]
+        pass
+
+
+def fast_reader() -> Any:
+    """A hiredis reader for the session's fast paths, or None without hiredis. It decodes in C; the session
+    uses it only to count whole frames and see their types, and forwards the bytes as they arrived."""
+    return _hiredis.Reader() if _hiredis is not None else None
+
+
+_PROBE = b"*0\r\n"
+
+
+def at_frame_boundary(reader: Any) -> bool:
+    """True if a hiredis reader that has returned every whole frame holds no part of another one.
+
+    ``has_data()`` cannot tell: hiredis consumes the bytes of a partial frame into its own state. So feed an empty
+    array: it comes back as exactly ``[]`` only if nothing was pending (pending state would absorb it into a
+    bigger frame, or leave it incomplete). A reader that says False is left in an unknown state; drop it."""
+    reader.feed(_PROBE)
+    try:
+        probe = reader.gets()
+    except FastParseError:
+        return False
+    return type(probe) is list and not probe
 
 
 def request_parser(limits: Limits = DEFAULT_LIMITS) -> RequestParser:

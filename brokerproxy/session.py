@@ -142,6 +142,13 @@ class _Slot:
         self.plain = kind == _FORWARD and expected == 1 and not hook and request is None
 
 
+#: Commands that never take a plain slot: their replies are read (pops), or they may block (CLIENT UNBLOCK).
+_NOT_PLAIN = POPS.keys() | BLOCKING
+#: Commands the fast path hands to the exact path: the above, and every command with a handler.
+_NOT_FAST: frozenset[str] = frozenset()  # filled in below, once _HANDLERS exists
+_FastParseError = resp.FastParseError
+_PushNotification = resp.PushNotification
+
 #: The slots of ordinary forwarded requests, one shared object per command name, so that the hot path allocates
 #: no slot. Bounded: past the bound, names share one slot named "unknown".
 _PLAIN_SLOTS: dict[str, _Slot] = {}
@@ -173,6 +180,11 @@ class Session:
         self._policy = policy
         self._requests = resp.request_parser(limits)
         self._replies = resp.ReplyParser()
+        # hiredis readers for the fast paths (None without hiredis): see _fast_requests and _fast_replies.
+        self._fast_reader = resp.fast_reader()
+        self._fast_reply_reader = resp.fast_reader()
+        # Each argument takes at least 6 bytes ("$0\r\n\r\n").
+        self._fast_limit = min(limits.max_bulk_length, 6 * limits.max_array_length, limits.max_buffered_bytes)
         self._handshake = [resp.encode_command(c) for c in upstream_handshake]
         self._slots: deque[_Slot] = deque()
         self._out_client = bytearray()
@@ -250,6 +262,8 @@ class Session:
     def from_client(self, data: bytes) -> None:
         if self._closing or self._gone:
             return
+        if self._fast_requests(data):
+            return
         parser = self._requests
         try:
             parser.feed(data)
@@ -263,6 +277,47 @@ class Session:
             self._local(resp.error(f"ERR Protocol error: {exc}"), force=True)
             self._closing = True
             self._events.append(Close(f"protocol error: {exc}"))
+
+    def _fast_requests(self, data: bytes) -> bool:
+        """The common case in one tight loop: a read holding only whole, ordinary requests (no command the proxy
+        must look at, in a connection in no special state) is forwarded as it arrived, one slot per request.
+        False (and nothing done) when anything is out of the ordinary: the exact path then takes the read."""
+        reader = self._fast_reader
+        if (
+            reader is None
+            or self.user is None
+            or self._policy is not None
+            or self._reply_off
+            or self._reply_skip
+            or self._requests.buffered
+            or data[:1] != b"*"
+            # A read this short cannot hold an argument or an argument count over the limits.
+            or len(data) > self._fast_limit
+        ):
+            return False
+        reader.feed(data)
+        names: list[str] = []
+        names_cache = resp.COMMAND_NAMES
+        try:
+            while (args := reader.gets()) is not False:
+                if type(args) is not list or not args or type(args[0]) is not bytes:
+                    break
+                name = names_cache.get(args[0]) or resp.command_name(args[0])
+                if name in _NOT_FAST:
+                    break
+                names.append(name)
+            else:
+                if resp.at_frame_boundary(reader):
+                    self._out_upstream += data
+                    append = self._slots.append
+                    for name in names:
+                        append(_plain_slot(name))
+                    return True
+        except _FastParseError:
+            pass
+        # Out of the ordinary: start the fast reader afresh, let the exact path parse this read.
+        self._fast_reader = resp.fast_reader()
+        return False
 
     def _request(self, req: resp.Request) -> None:
         name = req.name
@@ -286,7 +341,7 @@ class Session:
             self._reply_skip = False
             expected = 0
             hook = ""
-        if expected == 1 and not hook and req.name not in POPS:
+        if expected == 1 and not hook and req.name not in _NOT_PLAIN:
             self._slots.append(_plain_slot(req.name))
         elif expected:
             self._slots.append(_Slot(_FORWARD, expected, request=req, hook=hook))
@@ -504,6 +559,8 @@ class Session:
     def from_upstream(self, data: bytes) -> None:
         if self._upstream_failed:
             return
+        if self._fast_replies(data):
+            return
         parser = self._replies
         parser.feed(data)
         out = self._out_client
@@ -543,6 +600,46 @@ class Session:
                 return
         if span_end:
             out += parser.span(span_start, span_end)
+
+    def _fast_replies(self, data: bytes) -> bool:
+        """The common case: a read holding only whole replies to ordinary requests is written as it arrived.
+        False (and nothing done) otherwise; the exact framer then takes the read."""
+        reader = self._fast_reply_reader
+        if (
+            reader is None
+            or self._replies.buffered
+            or self._gone
+            or self._monitor
+            or self._subscribed_seen
+            or self._shard_seen
+            # hiredis returns a RESP3 attribute as a reply of its own; Redis sends none, but never miscount one.
+            or data[:1] == b"|"
+            or b"\r\n|" in data
+        ):
+            return False
+        reader.feed(data)
+        slots = self._slots
+        count = 0
+        try:
+            it = iter(slots)
+            while (reply := reader.gets()) is not False:
+                slot = next(it, None)
+                if slot is None or not slot.plain or type(reply) is _PushNotification:
+                    break
+                count += 1
+            else:
+                if resp.at_frame_boundary(reader):
+                    popleft = slots.popleft
+                    for _ in range(count):
+                        popleft()
+                    self._out_client += data
+                    if slots and slots[0].kind == _LOCAL:
+                        self._flush_local()
+                    return True
+        except _FastParseError:
+            pass
+        self._fast_reply_reader = resp.fast_reader()
+        return False
 
     def _flush_local(self) -> None:
         """Write the local replies now at the head of the FIFO."""
@@ -682,3 +779,4 @@ _HANDLERS = {
     **{name: Session._cmd_subscribe for name in SUBSCRIBE},
     **{name: Session._cmd_unsubscribe for name in UNSUBSCRIBE},
 }
+_NOT_FAST = frozenset(_NOT_PLAIN | _HANDLERS.keys() | NO_AUTH)

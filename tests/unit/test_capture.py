@@ -98,13 +98,17 @@ class NoUsers:
         return None
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "exact-path-only"])
 @pytest.mark.parametrize("stem", CONNECTIONS)
-def test_capture_through_session_is_transparent(stem: str) -> None:
+def test_capture_through_session_is_transparent(stem: str, fast: bool) -> None:
     # With no users and no upstream handshake the proxy forwards every request byte for byte and hands every
-    # reply and push back byte for byte, owing nothing at the end, in whatever pieces the bytes arrive.
+    # reply and push back byte for byte, owing nothing at the end, in whatever pieces the bytes arrive. Both with
+    # the hiredis fast paths and with the exact framers alone (as without hiredis).
     c2s = (CAPTURE / f"{stem}.c2s").read_bytes()
     s2c = (CAPTURE / f"{stem}.s2c").read_bytes()
     s = session.Session(NoUsers())
+    if not fast:
+        s._fast_reader = s._fast_reply_reader = None
     assert s.take_events() == [session.OpenUpstream()]
     # What the proxy sends for itself on a new upstream connection (CLIENT ID), answered first, as Redis would.
     own, _ = frame_requests([s.take_upstream()])
