@@ -255,7 +255,8 @@ class ClientConnection(asyncio.Protocol):
         out = session.take_client()
         if out:
             transport.write(out)
-            self._note_delivered()
+            if session.tracking_pops:
+                self._note_delivered()
         up = session.take_upstream()
         if up:
             if self.upstream is not None:

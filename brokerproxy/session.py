@@ -145,6 +145,7 @@ class _Slot:
 #: Commands that never take a plain slot: their replies are read (pops), or they may block (CLIENT UNBLOCK).
 _NOT_PLAIN = POPS.keys() | BLOCKING
 #: Commands the fast path hands to the exact path: the above, and every command with a handler.
+_NO_EVENTS: list[Event] = []
 _NOT_FAST: frozenset[str] = frozenset()  # filled in below, once _HANDLERS exists
 _FastParseError = resp.FastParseError
 _PushNotification = resp.PushNotification
@@ -218,21 +219,34 @@ class Session:
 
     # -------------------------------------------------------------------------------- outputs
 
-    def take_client(self) -> bytes:
-        out = bytes(self._out_client)
-        self._out_client.clear()
+    # The take_* methods hand over the buffer itself (no copy) and start a new one.
+
+    def take_client(self) -> bytes | bytearray:
+        out = self._out_client
+        if not out:
+            return b""
+        self._out_client = bytearray()
         self._written += len(out)
         return out
 
-    def take_upstream(self) -> bytes:
-        out = bytes(self._out_upstream)
-        self._out_upstream.clear()
+    def take_upstream(self) -> bytes | bytearray:
+        out = self._out_upstream
+        if not out:
+            return b""
+        self._out_upstream = bytearray()
         return out
 
     def take_events(self) -> list[Event]:
         ev = self._events
+        if not ev:
+            return _NO_EVENTS  # shared and never appended to: the common case allocates nothing
         self._events = []
         return ev
+
+    @property
+    def tracking_pops(self) -> bool:
+        """Pop replies were written whose delivery is not yet confirmed (see ``delivered``)."""
+        return bool(self._delivered_pops)
 
     def take_requeues(self) -> Requeue:
         rq = self._requeues
