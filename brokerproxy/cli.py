@@ -66,6 +66,11 @@ def parser() -> argparse.ArgumentParser:
         choices=("yes", "no"),
         help="refuse to listen on a non-loopback address with no users configured (default yes)",
     )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="address for /metrics, /healthz and /readyz (default: no metrics listener, no observation)",
+    )
     p.add_argument("--version", action="version", version=f"brokerproxy {__version__}")
     return p
 
@@ -79,6 +84,7 @@ def build_config(argv: Sequence[str] | None, env: dict[str, str]) -> Config:
         "drain_timeout": args.drain_timeout,
         "connect_timeout": args.connect_timeout,
         "protected_mode": args.protected_mode,
+        "metrics_listen": args.metrics_listen,
     }
     return load(args.config or env.get("BROKERPROXY_CONFIG"), env, overrides)
 

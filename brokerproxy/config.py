@@ -108,6 +108,20 @@ class Users:
         return user.name
 
 
+#: Seconds between the side connection's PING (for /readyz and brokerproxy_upstream_up) and LLEN of the queues seen.
+DEFAULT_DEPTH_POLL_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """``[metrics]``: what the observer keeps, and how often it polls queue depth."""
+
+    max_queues: int = 100
+    max_tasks: int = 100
+    key_prefix: str = ""  # kombu's global_keyprefix, stripped from queue names
+    depth_poll_interval: float = DEFAULT_DEPTH_POLL_INTERVAL
+
+
 @dataclass(frozen=True)
 class Config:
     listen: Address
@@ -119,6 +133,8 @@ class Config:
     limits: resp.Limits = resp.DEFAULT_LIMITS
     write_buffer_high_water: int = DEFAULT_WRITE_BUFFER_HIGH_WATER
     users: tuple[User, ...] = ()
+    metrics_listen: Address | None = None
+    metrics: Metrics = Metrics()
 
     def authenticator(self) -> Users:
         return Users(self.users)
@@ -222,7 +238,18 @@ SCALARS: dict[str, Any] = {
     "drain_timeout": _positive(float),
     "connect_timeout": _positive(float),
     "write_buffer_high_water": _bounded_int(MAX_WRITE_BUFFER_HIGH_WATER),
+    "metrics_listen": parse_address,
 }
+METRICS_KEYS = {
+    "max_queues": _positive(int),
+    "max_tasks": _positive(int),
+    "key_prefix": lambda key, value: value if isinstance(value, str) else _fail(key, "expected a string"),
+    "depth_poll_interval": _positive(float),
+}
+
+
+def _fail(key: str, why: str) -> Any:
+    raise ConfigError(key, why)
 LIMIT_KEYS = tuple(f.name for f in fields(resp.Limits))
 
 
@@ -282,7 +309,7 @@ def load(
             raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    known = set(SCALARS) | {"limits", "users"}
+    known = set(SCALARS) | {"limits", "users", "metrics"}
     for key in raw:
         if key not in known:
             raise ConfigError(key, "unknown key")
@@ -306,8 +333,15 @@ def load(
             raise ConfigError(f"limits.{key}", "unknown key")
     limits = resp.Limits(**{k: _positive(int)(f"limits.{k}", v) for k, v in limits_raw.items()})
     users = _users(raw.get("users", []))
+    metrics_raw = raw.get("metrics", {})
+    if not isinstance(metrics_raw, dict):
+        raise ConfigError("metrics", "expected a table")
+    for key in metrics_raw:
+        if key not in METRICS_KEYS:
+            raise ConfigError(f"metrics.{key}", "unknown key")
+    metrics = Metrics(**{k: METRICS_KEYS[k](f"metrics.{k}", v) for k, v in metrics_raw.items()})
 
-    cfg = Config(limits=limits, users=users, **parsed)
+    cfg = Config(limits=limits, users=users, metrics=metrics, **parsed)
     if cfg.protected_mode and not users and not cfg.listen.is_loopback:
         raise ConfigError(
             "protected_mode",

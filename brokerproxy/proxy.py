@@ -85,11 +85,13 @@ class ClientConnection(asyncio.Protocol):
             self.server.authenticator,
             upstream_handshake=cfg.upstream.handshake(),
             limits=cfg.limits,
+            observer=self.server.traffic_observer,
         )
         self.server.connection_opened(self)
         self._pump()
 
     def data_received(self, data: bytes) -> None:
+        self.server.observer.bytes_in += len(data)
         if self._upstream_error is not None:
             self._fail_upstream(self._upstream_error)
             return
@@ -169,7 +171,7 @@ class ClientConnection(asyncio.Protocol):
             )
         except (TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
-            self.server.stats.upstream_connect_failures += 1
+            self.server.observer.upstream_error("timeout" if isinstance(exc, asyncio.TimeoutError) else "connect")
             log.warning("upstream connect failed", extra={"peer": self.peer, "upstream": str(up), "error": reason})
             self._connecting = None
             if not self._left:
@@ -181,6 +183,7 @@ class ClientConnection(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=self.server.config.write_buffer_high_water)
         self.upstream = transport
+        self.server.observer.upstream_connections += 1
         if self._pending_up:
             transport.write(bytes(self._pending_up))
             self._pending_up.clear()
@@ -191,7 +194,7 @@ class ClientConnection(asyncio.Protocol):
             self.session.from_upstream(data)
         except ProtocolError as exc:
             log.error("protocol error from upstream", extra={"peer": self.peer, "error": str(exc)})
-            self.server.stats.upstream_protocol_errors += 1
+            self.server.observer.protocol_error("upstream")
             self._close_both()
             return
         if self._draining_upstream:
@@ -210,6 +213,9 @@ class ClientConnection(asyncio.Protocol):
     def upstream_lost(self, exc: Exception | None) -> None:
         self.upstream = None
         self.upstream_done.set()
+        self.server.observer.upstream_connections -= 1
+        if not self._left and not self.session.closing and self._upstream_error is None and not self.server.draining:
+            self.server.observer.upstream_error("reset" if exc is not None else "closed")
         if self._draining_upstream:
             self._draining_upstream = False
             self.server.untrack_orphan(self)
@@ -255,6 +261,7 @@ class ClientConnection(asyncio.Protocol):
         out = session.take_client()
         if out:
             transport.write(out)
+            self.server.observer.bytes_out += len(out)
             if session.tracking_pops:
                 self._note_delivered()
         up = session.take_upstream()
@@ -272,17 +279,17 @@ class ClientConnection(asyncio.Protocol):
                 self._open_upstream()
             elif isinstance(event, Close):
                 if event.reason.startswith("protocol error"):
-                    self.server.stats.protocol_errors += 1
+                    self.server.observer.protocol_error("client")
                     log.info("client protocol error", extra={"peer": self.peer, "error": event.reason})
                 transport.pause_reading()
                 self._close_when_flushed()
             elif isinstance(event, UpstreamFailed):
-                self.server.stats.upstream_connect_failures += 1
+                self.server.observer.upstream_error("auth")
                 log.error("upstream refused the proxy's handshake", extra={"error": event.reason})
                 self._close_upstream()
                 self._upstream_unavailable(event.reason)
             elif isinstance(event, AuthFailed):
-                self.server.stats.auth_failures += 1
+                self.server.observer.auth_failed()
                 log.info("client auth failed", extra={"peer": self.peer, "user": event.username})
 
     def _note_delivered(self) -> None:

@@ -290,12 +290,16 @@ _CHECK_PARTIAL_AT = 1024 * 1024
 if _hiredis is not None:
     FastParseError: type[Exception] = _hiredis.ProtocolError
     PushNotification: type = _hiredis.PushNotification
+    ReplyErrorType: type = _hiredis.ReplyError
 else:  # pragma: no cover
 
     class FastParseError(Exception):  # type: ignore[no-redef]
         pass
 
     class PushNotification(list):  # type: ignore[no-redef,type-arg]
+        pass
+
+    class ReplyErrorType(Exception):  # type: ignore[no-redef]
         pass
 
 
@@ -416,6 +420,7 @@ class ReplyParser:
         self._buf = bytearray()
         self._pos = 0
         self.start = 0
+        self.first = 0
 
     @property
     def buffered(self) -> int:
@@ -436,6 +441,7 @@ class ReplyParser:
         if start >= len(buf):
             return -1
         t = buf[start]
+        self.first = t  # the type byte of the frame being framed ('-' for an error)
         try:
             if t in _LINE_TYPES:
                 nl = buf.find(b"\r\n", start)

@@ -9,12 +9,14 @@ import asyncio
 import logging
 import signal
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from . import resp
 from .commands import Requeue
 from .config import Config
+from .endpoints import HTTPEndpoints
+from .metrics import build_registry
+from .observe import Observer
 from .proxy import ClientConnection
 
 log = logging.getLogger("brokerproxy.server")
@@ -26,24 +28,17 @@ UNBLOCK_ATTEMPTS = 20
 UNBLOCK_RETRY_SECONDS = 0.25
 
 
-@dataclass
-class Stats:
-    """Counters of what went wrong and what was saved. The metrics endpoint exports them."""
-
-    connections_total: int = 0
-    protocol_errors: int = 0
-    auth_failures: int = 0
-    upstream_connect_failures: int = 0
-    upstream_protocol_errors: int = 0
-    requeued_elements: int = 0
-    requeue_failures: int = 0
-
-
 class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.authenticator = config.authenticator()
-        self.stats = Stats()
+        m = config.metrics
+        #: Every counter the proxy keeps (the metrics endpoint exports them).
+        self.observer = Observer(m.max_queues, m.max_tasks, key_prefix=m.key_prefix.encode())
+        #: The observer the sessions feed with traffic: only when metrics are served, since reading traffic costs.
+        self.traffic_observer = self.observer if config.metrics_listen is not None else None
+        self.upstream_up = False
+        self._endpoints: HTTPEndpoints | None = None
         self.draining = False
         self._connections: set[ClientConnection] = set()
         self._orphans: set[ClientConnection] = set()  # client gone, reading upstream to the end
@@ -69,11 +64,14 @@ class Server:
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self._connections.add(conn)
-        self.stats.connections_total += 1
+        self.observer.connection_opened()
         self._idle.clear()
 
     def connection_closed(self, conn: ClientConnection) -> None:
-        self._connections.discard(conn)
+        if conn in self._connections:
+            self._connections.discard(conn)
+            self.observer.connection_closed()
+            conn.session.close()
         self._check_idle()
 
     def track_orphan(self, conn: ClientConnection) -> None:
@@ -136,11 +134,13 @@ class Server:
             errors = [r.strip().decode("utf-8", "replace") for r in replies if r.startswith(b"-")]
             if errors:
                 log.error("requeue command failed", extra={"errors": errors})
-                self.stats.requeue_failures += len(errors)
-            self.stats.requeued_elements += elements
+                self.observer.requeue_failed(len(errors))
+            for command, reply in zip(commands, replies, strict=True):
+                if not reply.startswith(b"-"):
+                    self.observer.requeued(command[1], len(command) - 2)
             log.warning("requeued popped elements", extra={"elements": elements, "why": why})
             return
-        self.stats.requeue_failures += len(commands)
+        self.observer.requeue_failed(elements)
         for c in commands:
             log.error(
                 "could not requeue element; it is in this log line only",
@@ -176,6 +176,48 @@ class Server:
         for sock in getattr(server, "sockets", ()):
             name = sock.getsockname()
             log.info("listening", extra={"address": f"{name[0]}:{name[1]}", "upstream": str(self.config.upstream)})
+        maddr = self.config.metrics_listen
+        if maddr is not None:
+            self._endpoints = HTTPEndpoints(build_registry(self.observer), self.ready)
+            await self._endpoints.start(maddr.host, maddr.port)
+        self.spawn(self._poll_upstream(), "upstream poller")
+
+    def ready(self) -> tuple[bool, str]:
+        """/readyz: serving, and the upstream answered the last poll."""
+        if self.draining:
+            return False, "draining"
+        if not self.upstream_up:
+            return False, f"upstream {self.config.upstream.host}:{self.config.upstream.port} does not answer"
+        return True, "ready"
+
+    @property
+    def metrics_ports(self) -> list[int]:
+        return self._endpoints.ports if self._endpoints is not None else []
+
+    async def _poll_upstream(self) -> None:
+        """Every depth_poll_interval: PING the upstream on a side connection (readiness, upstream_up) and, when
+        traffic is observed, LLEN every queue key seen, in the same round trip. Never on the scrape path."""
+        interval = self.config.metrics.depth_poll_interval
+        while not self._stop.is_set():
+            keys = self.traffic_observer.queues_to_poll() if self.traffic_observer is not None else []
+            try:
+                replies = await self.side_commands([[b"PING"]] + [[b"LLEN", k] for k in keys])
+                up = replies[0].startswith(b"+")
+            except (TimeoutError, OSError, ConnectionError):
+                up, replies = False, []
+            if up:
+                for key, reply in zip(keys, replies[1:], strict=False):
+                    if reply.startswith(b":"):
+                        self.observer.set_depth(key, int(reply[1:]))
+            if up != self.upstream_up:
+                log.info("upstream is up" if up else "upstream does not answer")
+            self.upstream_up = up
+            self.observer.upstream_up = int(up)
+            self.observer.sweep()
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+            except TimeoutError:
+                pass
 
     @property
     def ports(self) -> list[int]:
@@ -223,5 +265,19 @@ class Server:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
-        log.info("stopped", extra={"clean": clean, **self.stats.__dict__})
+        if self._endpoints is not None:
+            await self._endpoints.close()
+        o = self.observer
+        log.info(
+            "stopped",
+            extra={
+                "clean": clean,
+                "connections_total": sum(o.client_connections_total.values()),
+                "protocol_errors": o.protocol_errors,
+                "auth_failures": o.auth_failures,
+                "upstream_errors": o.upstream_errors,
+                "requeued": sum(q.requeued for q in o.queues.values()),
+                "requeue_failures": o.requeue_failures,
+            },
+        )
         return clean

@@ -31,7 +31,9 @@ buffer when it died are recovered by ``undelivered()``.
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,6 +48,7 @@ from .commands import (
     requeue_for,
 )
 from .errors import ProtocolError
+from .observe import KNOWN_COMMANDS, UNKNOWN, Observer
 
 # Replies, worded as Redis words them so that redis-py raises the same exception classes.
 NOAUTH = "NOAUTH Authentication required."
@@ -121,7 +124,7 @@ _REPLACE = 3  # reply from Redis dropped, a local reply sent instead (EXEC turne
 
 
 class _Slot:
-    __slots__ = ("data", "expected", "hook", "kind", "name", "plain", "request")
+    __slots__ = ("data", "expected", "hook", "kind", "name", "ok_key", "plain", "request")
 
     def __init__(
         self,
@@ -140,12 +143,17 @@ class _Slot:
         self.name = name if request is None else request.name
         # An ordinary forwarded request: one reply, nothing to do with it but forward it (and count it).
         self.plain = kind == _FORWARD and expected == 1 and not hook and request is None
+        # Its key in the observer's command counter, made once per name rather than once per command.
+        self.ok_key = (self.name if self.name in KNOWN_COMMANDS else UNKNOWN, "ok")
 
 
 #: Commands that never take a plain slot: their replies are read (pops), or they may block (CLIENT UNBLOCK).
 _NOT_PLAIN = POPS.keys() | BLOCKING
 #: Commands the fast path hands to the exact path: the above, and every command with a handler.
 _NO_EVENTS: list[Event] = []
+_ReplyError = resp.ReplyErrorType
+#: Pops whose keys are all between the name and a trailing timeout: the ones the consumers gauge follows.
+_CONSUMER_POPS = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax"})
 _NOT_FAST: frozenset[str] = frozenset()  # filled in below, once _HANDLERS exists
 _FastParseError = resp.FastParseError
 _PushNotification = resp.PushNotification
@@ -176,9 +184,19 @@ class Session:
         upstream_handshake: list[list[bytes]] = (),  # type: ignore[assignment]
         limits: resp.Limits = resp.DEFAULT_LIMITS,
         policy: Policy | None = None,
+        observer: Observer | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._auth = authenticator
         self._policy = policy
+        self._observer = observer
+        self._clock = clock
+        # Requests the fast path must leave to the exact one: the observer reads some requests and replies.
+        self._not_fast = _NOT_FAST | (observer.WATCH_REQUESTS | observer.WATCH_REPLIES if observer else frozenset())
+        self._watch_requests = observer.WATCH_REQUESTS if observer else frozenset()
+        self._watch_replies = observer.WATCH_REPLIES if observer else frozenset()
+        self._timed = 0.0  # when the first request of a batch sent on an idle connection was read (metrics)
+        self._timed_name = ""
         self._requests = resp.request_parser(limits)
         self._replies = resp.ReplyParser()
         # hiredis readers for the fast paths (None without hiredis): see _fast_requests and _fast_replies.
@@ -312,18 +330,23 @@ class Session:
         reader.feed(data)
         names: list[str] = []
         names_cache = resp.COMMAND_NAMES
+        not_fast = self._not_fast
         try:
             while (args := reader.gets()) is not False:
                 if type(args) is not list or not args or type(args[0]) is not bytes:
                     break
                 name = names_cache.get(args[0]) or resp.command_name(args[0])
-                if name in _NOT_FAST:
+                if name in not_fast:
                     break
                 names.append(name)
             else:
                 if resp.at_frame_boundary(reader):
                     self._out_upstream += data
-                    append = self._slots.append
+                    slots = self._slots
+                    if self._observer is not None and not slots and names:
+                        self._timed = self._clock()
+                        self._timed_name = names[0]
+                    append = slots.append
                     for name in names:
                         append(_plain_slot(name))
                     return True
@@ -351,11 +374,21 @@ class Session:
 
     def _forward(self, req: resp.Request, raw: bytes | None = None, expected: int = 1, hook: str = "") -> None:
         self._out_upstream += req.raw if raw is None else raw
+        observer = self._observer
+        if observer is not None:
+            name = req.name
+            if not self._slots and not self._timed:
+                self._timed = self._clock()
+                self._timed_name = name
+            if name in self._watch_requests:
+                observer.on_request(req.args, self._in_multi)
+            if name in _CONSUMER_POPS:
+                observer.consumer_blocked(req.args[1:-1])
         if self._reply_off or self._reply_skip:
             self._reply_skip = False
             expected = 0
             hook = ""
-        if expected == 1 and not hook and req.name not in _NOT_PLAIN:
+        if expected == 1 and not hook and req.name not in _NOT_PLAIN and req.name not in self._watch_replies:
             self._slots.append(_plain_slot(req.name))
         elif expected:
             self._slots.append(_Slot(_FORWARD, expected, request=req, hook=hook))
@@ -575,6 +608,9 @@ class Session:
             return
         if self._fast_replies(data):
             return
+        if self._timed:
+            self._end_timing()
+        observer = self._observer
         parser = self._replies
         parser.feed(data)
         out = self._out_client
@@ -595,7 +631,9 @@ class Session:
                 and not self._shard_seen
                 and not self._gone
             ):
-                slots.popleft()
+                slot = slots.popleft()
+                if observer is not None:
+                    observer.command(slot.name, "error" if parser.first == 0x2D else "ok")
                 if span_end != parser.start:
                     if span_end:
                         out += parser.span(span_start, span_end)
@@ -636,16 +674,31 @@ class Session:
         count = 0
         try:
             it = iter(slots)
+            errors: list[str] = []
             while (reply := reader.gets()) is not False:
                 slot = next(it, None)
                 if slot is None or not slot.plain or type(reply) is _PushNotification:
                     break
+                if type(reply) is _ReplyError:
+                    errors.append(slot.name)
                 count += 1
             else:
                 if resp.at_frame_boundary(reader):
                     popleft = slots.popleft
-                    for _ in range(count):
-                        popleft()
+                    observer = self._observer
+                    if observer is None:
+                        for _ in range(count):
+                            popleft()
+                    else:
+                        self._end_timing()
+                        commands = observer.commands
+                        for _ in range(count):
+                            key = popleft().ok_key
+                            commands[key] = commands.get(key, 0) + 1
+                        for name in errors:
+                            observer.command(name, "error")
+                            key = _plain_slot(name).ok_key
+                            commands[key] -= 1
                     self._out_client += data
                     if slots and slots[0].kind == _LOCAL:
                         self._flush_local()
@@ -654,6 +707,22 @@ class Session:
             pass
         self._fast_reply_reader = resp.fast_reader()
         return False
+
+    def _end_timing(self) -> None:
+        """The first reply after a batch sent on an idle connection: its round trip, for the duration histogram
+        (one sample per batch: the first command of a pipeline)."""
+        if self._timed and self._observer is not None:
+            self._observer.observe_command_duration(self._timed_name, self._clock() - self._timed)
+        self._timed = 0.0
+
+    def close(self) -> None:
+        """The connection is over (both sides): release what the observer counts for it."""
+        observer = self._observer
+        if observer is not None:
+            for slot in self._slots:
+                if slot.request is not None and slot.request.name in _CONSUMER_POPS:
+                    observer.consumer_unblocked(slot.request.args[1:-1])
+        self._slots.clear()
 
     def _flush_local(self) -> None:
         """Write the local replies now at the head of the FIFO."""
@@ -676,14 +745,24 @@ class Session:
         if not slots:
             raise ProtocolError("reply from upstream with no request waiting for it")
         slot = slots[0]
+        observer = self._observer
+        if observer is not None and slot.kind == _FORWARD and (slot.expected == 1 or raw[:1] == b"-"):
+            # Once per command: on its last (or only) reply frame, or its error.
+            observer.command(slot.name, "error" if raw[:1] in (b"-", b"!") else "ok")
         if slot.kind == _FORWARD and not slot.hook:
             slots.popleft()
+            req = slot.request
+            if observer is not None and req is not None:
+                if req.name in self._watch_replies:
+                    observer.on_reply(req.args, raw)
+                if req.name in _CONSUMER_POPS:
+                    observer.consumer_unblocked(req.args[1:-1])
             if self._gone:
                 self._lost_reply(slot, raw)
             else:
                 out += raw
-                if slot.request is not None and slot.request.name in POPS and not _is_null(raw):
-                    self._delivered_pops.append((self._written + len(out), slot.request, raw))
+                if req is not None and req.name in POPS and not _is_null(raw):
+                    self._delivered_pops.append((self._written + len(out), req, raw))
         else:
             self._special_reply(slot, raw)
         self._flush_local()

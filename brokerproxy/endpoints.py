@@ -1,0 +1,268 @@
+"""The HTTP listener for Prometheus and Kubernetes probes: ``/metrics``, ``/healthz``, ``/readyz``.
+
+A deliberately tiny HTTP/1.1 server on asyncio streams: GET and HEAD, keep-alive, no request bodies, no
+framework. Nothing it does blocks the event loop the proxy runs on: rendering the exposition reads plain counters
+(milliseconds for thousands of series), and every read and write has a size limit and a timeout, so a slow or
+malicious scraper holds one bounded buffer and then is dropped.
+
+* ``/metrics``: the registry's exposition, OpenMetrics when the ``Accept`` header asks for it (``metrics.render``);
+* ``/healthz``: 200 ``ok`` while the process serves;
+* ``/readyz``: 200 when the ``ready()`` callback says so, else 503; the body is the callback's one-line reason;
+* anything else: 404; a method other than GET/HEAD: 405; a malformed or oversized request: 400/431, then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
+
+from . import metrics
+
+log = logging.getLogger("brokerproxy.endpoints")
+
+#: Longest request head (request line and headers) accepted; Prometheus sends a few hundred bytes. nginx's
+#: ``large_client_header_buffers`` default is 8 KiB per line, 32 KiB in all.
+MAX_REQUEST_HEAD = 16 * 1024
+#: Time allowed for a request head to arrive (slowloris), and for a response to be taken by the peer.
+HEAD_TIMEOUT = 10.0
+WRITE_TIMEOUT = 10.0
+#: A keep-alive connection with no new request for this long is closed (Prometheus scrapes every 15-60 s and
+#: reconnects when needed).
+IDLE_TIMEOUT = 75.0
+#: After the last response, unread input is discarded for at most this long and this many bytes before closing.
+LINGER_TIMEOUT = 2.0
+LINGER_MAX_BYTES = 256 * 1024
+#: Connections served at once; more are closed at once. Scrapers and probes need a handful.
+MAX_CONNECTIONS = 64
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_TEXT = "text/plain; charset=utf-8"
+
+ReadyCheck = Callable[[], tuple[bool, str]]
+Renderer = Callable[[CollectorRegistry, str | None], tuple[bytes, str]]
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class HTTPEndpoints:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on one listener. ``await start(host, port)``, ``await close()``."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ready: ReadyCheck,
+        *,
+        render: Renderer = metrics.render,
+        max_request_head: int = MAX_REQUEST_HEAD,
+        head_timeout: float = HEAD_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.registry = registry
+        self.ready = ready
+        self.render = render
+        self.max_request_head = max_request_head
+        self.head_timeout = head_timeout
+        self.write_timeout = write_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on host:port (port 0: any free port; see ``ports``)."""
+        self._server = await asyncio.start_server(
+            self._serve, host, port, limit=self.max_request_head, reuse_address=True
+        )
+        for sock in self._server.sockets:
+            name = sock.getsockname()
+            log.info("metrics endpoint listening", extra={"address": f"{name[0]}:{name[1]}"})
+
+    @property
+    def ports(self) -> list[int]:
+        if self._server is None:
+            return []
+        return [int(s.getsockname()[1]) for s in self._server.sockets]
+
+    async def close(self) -> None:
+        """Stop listening and drop every open connection."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
+
+    # ------------------------------------------------------------------------ one connection
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._writers) >= self.max_connections:
+            writer.close()
+            return
+        self._writers.add(writer)
+        self._handlers.add(task)
+        try:
+            first = True
+            while True:
+                keep_alive = await self._one_request(reader, writer, self.head_timeout if first else self.idle_timeout)
+                first = False
+                if not keep_alive:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            self._handlers.discard(task)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._lingering_close(reader, writer), LINGER_TIMEOUT)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), self.write_timeout)
+
+    @staticmethod
+    async def _lingering_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, then discard what the client still sends: closing a socket with unread input sends a
+        reset, which can destroy the error response before the client reads it (Apache's lingering close)."""
+        if writer.is_closing() or not writer.can_write_eof():
+            return
+        writer.write_eof()
+        discarded = 0
+        while discarded < LINGER_MAX_BYTES:
+            chunk = await reader.read(65536)
+            if not chunk:
+                return
+            discarded += len(chunk)
+
+    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wait: float) -> bool:
+        """Serve one request; False when the connection must close."""
+        try:
+            # The first byte may take the idle timeout; once it is there, the rest of the head gets head_timeout.
+            first = await asyncio.wait_for(reader.read(1), wait)
+            if not first:
+                return False
+            head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.head_timeout)
+        except asyncio.LimitOverrunError:
+            await self._respond(writer, 431, b"request head too large\n", close=True)
+            return False
+        except asyncio.IncompleteReadError:
+            return False
+        except TimeoutError:
+            return False
+        if len(head) > self.max_request_head:
+            await self._respond(writer, 431, b"request head too large\n", close=True)
+            return False
+        try:
+            method, target, version, headers = _parse_head(head)
+        except _BadRequest as exc:
+            await self._respond(writer, exc.status, b"bad request\n", close=True)
+            return False
+        if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+            await self._respond(writer, 413, b"request bodies are not accepted\n", close=True)
+            return False
+        connection = headers.get("connection", "").lower()
+        keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+        head_only = method == "HEAD"
+        path = target.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            status, body, ctype = 405, b"only GET and HEAD\n", _TEXT
+            extra = [("Allow", "GET, HEAD")]
+        else:
+            extra = []
+            status, body, ctype = self._route(path, headers.get("accept"))
+        await self._respond(writer, status, body, ctype, close=not keep_alive, head_only=head_only, extra=extra)
+        return keep_alive
+
+    def _route(self, path: str, accept: str | None) -> tuple[int, bytes, str]:
+        if path == "/metrics":
+            try:
+                body, ctype = self.render(self.registry, accept)
+            except Exception:
+                log.exception("rendering the metrics failed")
+                return 500, b"rendering the metrics failed\n", _TEXT
+            return 200, body, ctype
+        if path == "/healthz":
+            return 200, b"ok\n", _TEXT
+        if path == "/readyz":
+            try:
+                ok, reason = self.ready()
+            except Exception as exc:  # a failing check means not ready, never a dead endpoint
+                ok, reason = False, f"readiness check failed: {exc!r}"
+            line = " ".join(reason.split()) or ("ready" if ok else "not ready")
+            return (200 if ok else 503), line.encode("utf-8", "replace") + b"\n", _TEXT
+        return 404, b"not found\n", _TEXT
+
+    async def _respond(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        content_type: str = _TEXT,
+        *,
+        close: bool,
+        head_only: bool = False,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
+        lines = [
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}",
+            "Cache-Control: no-store",
+        ]
+        lines += [f"{k}: {v}" for k, v in extra or ()]
+        if close:
+            lines.append("Connection: close")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if not head_only:
+            writer.write(body)
+        await asyncio.wait_for(writer.drain(), self.write_timeout)
+
+
+def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    """Request line and headers (names lower-cased; a repeated header keeps its last value)."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        raise _BadRequest(400) from None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
+        raise _BadRequest(400)
+    method, target, version = parts
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _BadRequest(400)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise _BadRequest(400)
+        headers[name.lower()] = value.strip()
+    return method, target, version, headers
