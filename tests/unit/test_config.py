@@ -96,3 +96,15 @@ def test_users_check_passwords_in_constant_time_api(tmp_path: Path) -> None:
     assert users.check(b"w", b"three") is None
     assert users.check(b"nobody", b"one") is None
     assert users.check(b"off", b"x") is None
+
+
+def test_example_config_is_true_to_the_code() -> None:
+    """config.example.toml documents every key with its default: loading it gives exactly the defaults."""
+    example = Path(__file__).resolve().parents[2] / "config.example.toml"
+    cfg = config.load(str(example))
+    assert cfg == config.load()
+    text = example.read_text()
+    for key in config.SCALARS:
+        assert f"{key} =" in text, f"{key} is not documented in config.example.toml"
+    for key in (*config.LIMIT_KEYS, *config.METRICS_KEYS):
+        assert f"{key} =" in text, f"{key} is not documented in config.example.toml"
