@@ -36,6 +36,8 @@ IDLE_TIMEOUT = 75.0
 #: After the last response, unread input is discarded for at most this long and this many bytes before closing.
 LINGER_TIMEOUT = 2.0
 LINGER_MAX_BYTES = 256 * 1024
+#: close() waits this long for handlers to end once their connections are closed, then cancels them.
+CLOSE_TIMEOUT = 1.0
 #: Connections served at once; more are closed at once. Scrapers and probes need a handful.
 MAX_CONNECTIONS = 64
 
@@ -51,6 +53,11 @@ _REASONS = {
     503: "Service Unavailable",
 }
 _TEXT = "text/plain; charset=utf-8"
+
+# What became of a connection after one request.
+_KEEP = 0  # keep-alive: wait for the next request
+_CLOSE = 1  # a response was sent and the connection ends: half-close and drain first
+_DROP = 2  # nothing (more) to answer: close at once
 
 ReadyCheck = Callable[[], tuple[bool, str]]
 Renderer = Callable[[CollectorRegistry, str | None], tuple[bytes, str]]
@@ -110,11 +117,13 @@ class HTTPEndpoints:
         if server is not None:
             server.close()
         for writer in list(self._writers):
-            writer.close()
-        for task in list(self._handlers):
-            task.cancel()
+            writer.close()  # a handler waiting for a request reads EOF and returns
         if self._handlers:
-            await asyncio.gather(*self._handlers, return_exceptions=True)
+            _, late = await asyncio.wait(list(self._handlers), timeout=CLOSE_TIMEOUT)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
         if server is not None:
             await server.wait_closed()
 
@@ -128,23 +137,27 @@ class HTTPEndpoints:
             return
         self._writers.add(writer)
         self._handlers.add(task)
+        outcome = _DROP
         try:
-            first = True
-            while True:
-                keep_alive = await self._one_request(reader, writer, self.head_timeout if first else self.idle_timeout)
-                first = False
-                if not keep_alive:
-                    break
+            wait = self.head_timeout
+            while (outcome := await self._one_request(reader, writer, wait)) == _KEEP:
+                wait = self.idle_timeout
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # Only close() cancels a handler, and only one that did not finish when its connection closed. The
+            # task is this listener's own: ending it quietly keeps asyncio from logging the cancellation.
+            pass
         finally:
+            # Still tracked while it closes, so that close() waits for it (or cancels it) too.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                if outcome == _CLOSE:
+                    await asyncio.wait_for(self._lingering_close(reader, writer), LINGER_TIMEOUT)
+            writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(writer.wait_closed(), self.write_timeout)
             self._writers.discard(writer)
             self._handlers.discard(task)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._lingering_close(reader, writer), LINGER_TIMEOUT)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), self.write_timeout)
 
     @staticmethod
     async def _lingering_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -160,32 +173,31 @@ class HTTPEndpoints:
                 return
             discarded += len(chunk)
 
-    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wait: float) -> bool:
-        """Serve one request; False when the connection must close."""
+    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wait: float) -> int:
+        """Serve one request: _KEEP the connection for the next, _CLOSE it after this response, or _DROP it (no
+        request came, or it came too slowly)."""
         try:
             # The first byte may take the idle timeout; once it is there, the rest of the head gets head_timeout.
             first = await asyncio.wait_for(reader.read(1), wait)
             if not first:
-                return False
+                return _DROP
             head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.head_timeout)
         except asyncio.LimitOverrunError:
             await self._respond(writer, 431, b"request head too large\n", close=True)
-            return False
-        except asyncio.IncompleteReadError:
-            return False
-        except TimeoutError:
-            return False
+            return _CLOSE
+        except (asyncio.IncompleteReadError, TimeoutError):
+            return _DROP
         if len(head) > self.max_request_head:
             await self._respond(writer, 431, b"request head too large\n", close=True)
-            return False
+            return _CLOSE
         try:
             method, target, version, headers = _parse_head(head)
         except _BadRequest as exc:
             await self._respond(writer, exc.status, b"bad request\n", close=True)
-            return False
+            return _CLOSE
         if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
             await self._respond(writer, 413, b"request bodies are not accepted\n", close=True)
-            return False
+            return _CLOSE
         connection = headers.get("connection", "").lower()
         keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
         head_only = method == "HEAD"
@@ -197,7 +209,7 @@ class HTTPEndpoints:
             extra = []
             status, body, ctype = self._route(path, headers.get("accept"))
         await self._respond(writer, status, body, ctype, close=not keep_alive, head_only=head_only, extra=extra)
-        return keep_alive
+        return _KEEP if keep_alive else _CLOSE
 
     def _route(self, path: str, accept: str | None) -> tuple[int, bytes, str]:
         if path == "/metrics":
@@ -238,9 +250,8 @@ class HTTPEndpoints:
         lines += [f"{k}: {v}" for k, v in extra or ()]
         if close:
             lines.append("Connection: close")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        if not head_only:
-            writer.write(body)
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        writer.write(head if head_only else head + body)
         await asyncio.wait_for(writer.drain(), self.write_timeout)
 
 

@@ -9,11 +9,12 @@ parses a whole message: every hot-path update is a few bounded ``find``s and dic
 What the session hands in:
 
 * requests whose lower-cased name is in ``WATCH_REQUESTS`` (one set lookup per request decides), to
-  ``on_request(args, in_multi)``:
+  ``on_request(args, in_multi)``, inside a transaction or not (kombu pushes inside ``MULTI`` for queues with an
+  expiry, and its restores are ``WATCH``/``MULTI``/``RPUSH``/``EXEC``):
 
   - ``LPUSH``/``RPUSH`` of a kombu envelope: *published* (and *redelivered* when kombu's restore marked it) per
     queue, *tasks published* per task and queue, the message size; the pairing maps remember
-    ``delivery_tag -> (queue, task, push time, task id)`` and ``task id -> (task, last touch, start time)``;
+    ``delivery_tag -> (queue, task, push time, task id)`` and ``task id -> (task, start time)``;
   - ``SET``/``SETEX``/``PSETEX`` of ``[prefix]celery-task-meta-<id>``: a *task result* by state, the task name
     looked up by id, and the *runtime* from the start (the pop, or ``STARTED`` when the worker reports it, which is
     later and closer to the real start) to ``SUCCESS``/``FAILURE``/``RETRY`` (a retry ends one attempt);
@@ -31,19 +32,27 @@ What counts as a message (decided, and in the README): only **kombu envelopes** 
 i.e. a JSON object whose ``properties`` carry a ``delivery_tag``, which every kombu Redis publish has. A plain
 string pushed onto some list (an application's own list on a shared Redis, a ``redis-cli LPUSH``) is not a queue
 message: counting it would spend the label budget on keys that are not queues. ``LLEN`` still sees it, so it shows
-in the depth. Only envelopes with ``headers.task`` (Celery protocol 2) count as tasks. kombu's remote-control reply
+in the depth. Only envelopes with ``headers.task`` (Celery protocol 2) count as tasks. The keys of a blocking pop
+are queues too (a consumer waits on them): they get labels when they first appear. kombu's remote-control reply
 queues (``<uuid>.reply.celery.pidbox``, one new name per ``celery inspect``) are left out of every queue metric.
+Results count only with Celery's JSON result serializer (its default); other serializers are not read.
 
 Queue name = the key minus ``key_prefix`` (kombu's ``global_keyprefix``) minus the priority suffix ``\\x06\\x16N``.
 The first ``max_queues`` names get their own label, later ones fold into ``other`` (likewise ``max_tasks``); a
-name, once labelled, keeps its label. Depth is kept for labelled queues only: the depth of ``other`` would need an
-``LLEN`` of every folded key.
+name, once labelled, keeps its label (a queue really named ``other`` shares the fold's series). Depth is kept for
+labelled queues only, as the sum over their sub-queues (kombu's default priority steps 3, 6, 9 from the start, and
+any other suffix once seen): the depth of ``other`` would need an ``LLEN`` of every folded key. A push's reply sets
+its sub-queue's length, a pop takes one off, a requeue adds its count, and the poller's ``LLEN`` overrides them all.
 
 Pairing degrades gracefully: counts stay exact whatever this process saw, but a wait is observed only when this
 process saw both the push and the pop, and a runtime only when it saw the start and the result. The pairing maps
-are bounded in size (``max_pending`` each) and age (``pending_ttl`` since an entry was last touched); entries
-pushed out are counted in ``dropped`` (where producers and consumers use different proxy processes, the
-producer's entries all end up there: it never sees their pops).
+are bounded in size and age, and what they drop is counted in ``dropped`` (where producers and consumers use
+different proxy processes, the producer's entries all end up there: it never sees their pops). Each map is two
+generations of plain dicts: new entries go into the young one; every ``pending_ttl`` seconds, or when the young one
+holds ``max_pending / 2`` entries, the old generation is dropped and the young one becomes old. So an entry is kept
+at least ``pending_ttl`` after it was last touched (pushed, popped, STARTED) unless the size bound pushes it out,
+at most twice that, and a map never holds more than ``max_pending``. (Cheaper on the hot path than an ordered dict
+swept entry by entry.)
 
 Known limit: a push inside a transaction that is then discarded (``EXEC`` failing after ``WATCH``) was counted when
 it was queued; the observer does not see ``EXEC``'s reply.
@@ -57,11 +66,11 @@ import binascii
 import re
 import time
 from bisect import bisect_left
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Final, Literal
 
 from . import resp
+from .command_table import COMMANDS
 from .commands import BLOCKING
 
 OTHER: Final = "other"  # label of everything past the label bounds
@@ -69,14 +78,20 @@ UNKNOWN: Final = "unknown"  # command outside the table; task whose name this pr
 
 # ---------------------------------------------------------------------------------------------------- limits
 #: Messages are scanned only in their last this-many bytes: kombu writes ``headers`` and ``properties`` after the
-#: body, and Celery caps ``argsrepr``/``kwargsrepr`` at 1 KiB, so the fields sit in the tail. A message whose
-#: headers are larger still counts (the tag is at the very end); only its task name may be missed.
-TAIL_WINDOW = 64 * 1024
+#: body, and Celery caps ``argsrepr``/``kwargsrepr`` at 1 KiB each, so the fields sit in the tail (a few KiB at
+#: most). A message whose headers are larger still counts (the tag is at the very end); only its task name is then
+#: not found. This bounds the worst case (a miss scans the whole window) to some microseconds.
+TAIL_WINDOW = 16 * 1024
 #: ``"status"`` is the first key of Celery's result meta; it is looked for in the first this-many bytes only.
 STATUS_WINDOW = 1024
-#: kombu's restore marks ``properties.delivery_info.redelivered``, which ends a few bytes before the tag: it is
-#: looked for in this many bytes in front of ``"delivery_tag"``.
-REDELIVERED_WINDOW = 512
+#: kombu's restore marks ``properties.delivery_info.redelivered``. kombu adds ``delivery_info`` after the caller's
+#: properties and then only ``priority``, ``body_encoding`` and ``delivery_tag``, so the flag ends some 60-80 bytes
+#: before the tag: it is looked for in this many bytes in front of ``"delivery_tag"`` (the scan costs per byte).
+REDELIVERED_WINDOW = 160
+#: The task name is looked for by a regular expression, which scans slower than ``bytes.find``: over at most this
+#: many bytes in front of the tag directly, and in a longer message from ``"headers"`` on (found by ``rfind``
+#: from the tag backwards, past the properties), so that a large body is never scanned.
+DIRECT_SCAN = 2048
 #: Longest identifier (tag, task id, task name, hostname) taken from a message.
 MAX_FIELD_LENGTH = 256
 #: A queue or task name longer than this folds into ``other`` (a label value, not a payload).
@@ -88,8 +103,6 @@ SUBQUEUES_PER_QUEUE = 16
 #: kombu's default priority steps: every labelled queue's depth covers these sub-queues from the start.
 DEFAULT_PRIORITY_STEPS = (b"3", b"6", b"9")
 PRIORITY_SEP = b"\x06\x16"
-#: Age sweeps of the pairing maps run at most this often (seconds of the observer's clock).
-SWEEP_INTERVAL = 1.0
 #: Workers remembered for the online count (hostnames; each worker sends a heartbeat every ``freq`` seconds).
 MAX_WORKERS = 10_000
 #: A worker that missed this many heartbeat intervals is offline (Celery's own rule for its event state).
@@ -134,37 +147,16 @@ UPSTREAM_ERROR_REASONS: Final = frozenset(
 #: ACL denial kinds (what was refused).
 ACL_KINDS: Final = frozenset({"command", "key", "channel", "other"})
 
-# Redis commands (7.4 and 8.x top-level names) that get their own ``command`` label; anything else is
-# ``unknown``. Replaced by brokerproxy.command_table's names once that table exists.
-KNOWN_COMMANDS: frozenset[str] = frozenset(
-    """
-    acl append asking auth bgrewriteaof bgsave bitcount bitfield bitfield_ro bitop bitpos blmove blmpop blpop
-    brpop brpoplpush bzmpop bzpopmax bzpopmin client cluster command config copy dbsize debug decr decrby del
-    delifeq discard dump echo eval eval_ro evalsha evalsha_ro exec exists expire expireat expiretime failover
-    fcall fcall_ro flushall flushdb function geoadd geodist geohash geopos georadius georadius_ro
-    georadiusbymember georadiusbymember_ro geosearch geosearchstore get getbit getdel getex getrange getset hdel
-    hello hexists hexpire hexpireat hexpiretime hget hgetall hgetdel hgetex hincrby hincrbyfloat hkeys hlen hmget
-    hmset hpersist hpexpire hpexpireat hpexpiretime hpttl hrandfield hscan hset hsetex hsetnx hstrlen httl hvals
-    incr incrby incrbyfloat info keys lastsave latency lcs lindex linsert llen lmove lmpop lolwut lpop lpos lpush
-    lpushx lrange lrem lset ltrim memory mget migrate module monitor move mset msetex msetnx multi object persist
-    pexpire pexpireat pexpiretime pfadd pfcount pfdebug pfmerge pfselftest ping psetex psubscribe psync pttl
-    publish pubsub punsubscribe quit randomkey readonly readwrite rename renamenx replconf replicaof reset restore
-    restore-asking role rpop rpoplpush rpush rpushx sadd save scan scard script sdiff sdiffstore select set
-    setbit setex setnx setrange shutdown sinter sintercard sinterstore sismember slaveof slowlog smembers
-    smismember smove sort sort_ro spop spublish srandmember srem sscan ssubscribe strlen subscribe substr sunion
-    sunionstore sunsubscribe swapdb sync time touch ttl type unlink unsubscribe unwatch vadd vcard vdim vemb
-    vgetattr vinfo vismember vlinks vrandmember vrem vsetattr vsim wait waitaof watch xack xackdel xadd
-    xautoclaim xclaim xdel xdelex xgroup xinfo xlen xpending xrange xread xreadgroup xrevrange xsetid xtrim zadd
-    zcard zcount zdiff zdiffstore zincrby zinter zintercard zinterstore zlexcount zmpop zmscore zpopmax zpopmin
-    zrandmember zrange zrangebylex zrangebyscore zrangestore zrank zrem zremrangebylex zremrangebyrank
-    zremrangebyscore zrevrange zrevrangebylex zrevrangebyscore zrevrank zscan zscore zunion zunionstore
-    """.split()
-)
+#: Commands with a ``command`` label of their own: the names in the command table (Redis's own ``COMMAND INFO``);
+#: anything else counts as ``unknown``.
+KNOWN_COMMANDS: frozenset[str] = frozenset(COMMANDS)
 
 # Bounded-scan needles: kombu and Celery write JSON with json.dumps' default separators.
 _TAG = b'"delivery_tag": "'
 _REDELIVERED = b'"redelivered": true'
 _STATUS = b'"status": "'
+_HEADERS = b'"headers": {'
+_META_START = b'{"status": "'
 _HOSTNAME = b'"hostname": "'
 _ROUTING_KEY = b'"routing_key": "'
 _BODY = b'{"body": "'
@@ -225,13 +217,14 @@ class TaskStats:
 class _Task:
     """What the task id map keeps per task id."""
 
-    __slots__ = ("start", "stats", "touched")
+    __slots__ = ("start", "stats")
 
-    def __init__(self, stats: TaskStats, touched: float) -> None:
+    def __init__(self, stats: TaskStats) -> None:
         self.stats = stats
-        self.touched = touched  # last publish, pop or STARTED: the map is ordered by it
         self.start = -1.0  # start of the running attempt (pop or STARTED); -1 when none
 
+
+_Pending = tuple[QueueStats, TaskStats | None, float, bytes]
 
 #: Stands for an excluded queue in the key cache (never exported).
 _EXCLUDED = QueueStats("")
@@ -295,11 +288,16 @@ class Observer:
         #: Pairing entries dropped by the bounds, by map.
         self.dropped: dict[str, int] = {"delivery_tag": 0, "task_id": 0}
 
-        # --- pairing maps, oldest first
+        # --- pairing maps, two generations each (see the module docstring)
         # delivery_tag -> (queue, task or None, push time, task id or b"")
-        self._pending: OrderedDict[bytes, tuple[QueueStats, TaskStats | None, float, bytes]] = OrderedDict()
-        self._task_ids: OrderedDict[bytes, _Task] = OrderedDict()
-        self._last_sweep = clock()
+        self._tags: dict[bytes, _Pending] = {}
+        self._tags_old: dict[bytes, _Pending] = {}
+        self._ids: dict[bytes, _Task] = {}
+        self._ids_old: dict[bytes, _Task] = {}
+        self._generation_size = max(1, max_pending // 2)
+        self._generation_start = clock()
+        # Blocking pops' key lists -> their distinct queues (kombu re-sends the same few lists every second).
+        self._key_sets: dict[tuple[bytes, ...], tuple[QueueStats, ...]] = {}
         # hostname -> (last event time, heartbeat frequency)
         self._workers: dict[bytes, tuple[float, float]] = {}
 
@@ -354,7 +352,6 @@ class Observer:
         key = args[1]
         queue: QueueStats | None = None
         now = 0.0
-        pending = self._pending
         for msg in args[2:]:
             n = len(msg)
             # A kombu envelope is a JSON object whose last field is properties.delivery_tag.
@@ -367,14 +364,16 @@ class Observer:
             end = msg.find(b'"', t + _TAG_LEN, t + _TAG_LEN + MAX_FIELD_LENGTH)
             if end < 0:
                 continue
-            tag = msg[t + _TAG_LEN : end]
             if queue is None:
                 queue = self._key_queues.get(key) or self._queue_of(key)
                 if queue is _EXCLUDED:
                     return
                 now = self._clock()
+                if now - self._generation_start >= self.pending_ttl:
+                    self._age(now)
             queue.published += 1
-            if msg.find(_REDELIVERED, t - REDELIVERED_WINDOW if t - lo > REDELIVERED_WINDOW else lo, t) >= 0:
+            redelivered = msg.find(_REDELIVERED, t - REDELIVERED_WINDOW if t - lo > REDELIVERED_WINDOW else lo, t) >= 0
+            if redelivered:
                 queue.redelivered += 1
             sizes = queue.sizes
             sizes.counts[bisect_left(SIZE_BUCKETS, n)] += 1
@@ -384,35 +383,32 @@ class Observer:
             # string, and a quote inside any JSON string is escaped, so the first match is the header.
             task: TaskStats | None = None
             tid = b""
-            found = _TASK_ID.search(msg, lo, t)
+            h = lo if t - lo <= DIRECT_SCAN else msg.rfind(_HEADERS, lo, t)
+            found = _TASK_ID.search(msg, h, t) if h >= 0 else None
             if found is not None:
                 name, tid = found.groups()
                 task = self._task_names.get(name) or self._task_of(name)
-                task.published[queue.name] = task.published.get(queue.name, 0) + 1
-                self._remember_task(tid, task, now)
+                published = task.published
+                published[queue.name] = published.get(queue.name, 0) + 1
+                entry = self._ids.get(tid) or self._ids_old.pop(tid, None)
+                if entry is None:
+                    if len(self._ids) >= self._generation_size:
+                        self._age_ids()
+                    self._ids[tid] = _Task(task)
+                else:
+                    # Published again (a retry, an Airflow re-send): keep the running attempt's start for its
+                    # RETRY result.
+                    entry.stats = task
+                    self._ids[tid] = entry
 
-            pending.pop(tag, None)  # a restore re-pushes the same tag: it moves to the end with its new push time
-            pending[tag] = (queue, task, now, tid)
-            if len(pending) > self.max_pending:
-                pending.popitem(last=False)
-                self.dropped["delivery_tag"] += 1
-        if queue is not None and now - self._last_sweep >= SWEEP_INTERVAL:
-            self._sweep(now)
-
-    def _remember_task(self, tid: bytes, task: TaskStats, now: float) -> _Task:
-        ids = self._task_ids
-        entry = ids.get(tid)
-        if entry is None:
-            entry = ids[tid] = _Task(task, now)
-            if len(ids) > self.max_pending:
-                ids.popitem(last=False)
-                self.dropped["task_id"] += 1
-        else:
-            # Published again (a retry, an Airflow re-send): keep the running attempt's start for its RETRY result.
-            entry.stats = task
-            entry.touched = now
-            ids.move_to_end(tid)
-        return entry
+            tags = self._tags
+            if len(tags) >= self._generation_size:
+                self._age_tags()
+                tags = self._tags
+            tag = msg[t + _TAG_LEN : end]
+            if redelivered:
+                self._tags_old.pop(tag, None)  # a restore re-pushes the same tag: only the latest push counts
+            tags[tag] = (queue, task, now, tid)
 
     def _set(self, args: list[bytes]) -> None:
         if len(args) >= 3:  # SET key value [EX s | PX ms | ...]
@@ -426,27 +422,35 @@ class Observer:
         i = key.find(_RESULT_KEY)
         if i < 0:
             return
-        status = _field(value, _STATUS, 0, min(len(value), STATUS_WINDOW))
+        if value.startswith(_META_START):  # Celery writes the status first: read it in place
+            end = value.find(b'"', len(_META_START), len(_META_START) + 32)
+            status = value[len(_META_START) : end] if end > 0 else None
+        else:
+            status = _field(value, _STATUS, 0, min(len(value), STATUS_WINDOW))
         if status is None:
             return  # not Celery's JSON result meta (another serializer, or not a result at all)
         state = _STATE_LABELS.get(status, OTHER)
         tid = key[i + len(_RESULT_KEY) :]
-        entry = self._task_ids.get(tid)
+        ids = self._ids
+        entry = ids.get(tid)
+        if entry is None:
+            entry = self._ids_old.pop(tid, None)
+            if entry is not None:
+                ids[tid] = entry  # touched: into the young generation
         task = self._unknown_task() if entry is None else entry.stats
         task.results[state] = task.results.get(state, 0) + 1
         if entry is None:
             return
         now = self._clock()
         if state == "STARTED":
-            entry.start = entry.touched = now
-            self._task_ids.move_to_end(tid)
+            entry.start = now
             return
         if state in _ENDS_ATTEMPT:
             if entry.start >= 0.0:
                 task.runtime.observe(max(0.0, now - entry.start))
             entry.start = -1.0
         if state in _FINAL:
-            del self._task_ids[tid]
+            del ids[tid]
 
     def _publish(self, args: list[bytes]) -> None:
         if len(args) < 3:
@@ -532,16 +536,13 @@ class Observer:
             nl = raw.index(b"\r\n", 5)
             ks = nl + 2
             ke = ks + int(raw[5:nl])
-            if raw[ke : ke + 3] != b"\r\n$":
-                return
             nl = raw.index(b"\r\n", ke + 3)
-            ms = nl + 2
-            me = ms + int(raw[ke + 3 : nl])
+            me = nl + 2 + int(raw[ke + 3 : nl])
         except ValueError:
             return
-        if me + 2 != len(raw):
+        if me + 2 != len(raw) or raw[ke : ke + 3] != b"\r\n$":
             return
-        self._consumed(raw[ks:ke], raw, ms, me)
+        self._consumed(raw[ks:ke], raw, nl + 2, me)
 
     def _other_pop_reply(self, args: list[bytes], raw: bytes) -> None:
         """The rarer pops, decoded exactly: RPOP/LPOP [count], LMPOP/BLMPOP, and the moves."""
@@ -590,38 +591,59 @@ class Observer:
             return
         queue.consumed += 1
         now = self._clock()
-        entry = self._pending.pop(buf[t + _TAG_LEN : end], None)
+        if now - self._generation_start >= self.pending_ttl:
+            self._age(now)
+        tag = buf[t + _TAG_LEN : end]
+        entry = self._tags.pop(tag, None) or self._tags_old.pop(tag, None)
         if entry is not None:
-            queue.wait.observe(max(0.0, now - entry[2]))
-            task = entry[1]
+            wait = now - entry[2]
+            hist = queue.wait
+            hist.counts[bisect_left(WAIT_BUCKETS, wait)] += 1
+            hist.sum += wait
             tid = entry[3]
+            if not tid:
+                return
+            task = entry[1]
         else:
             # Pushed through another process (or before this one started): learn the task from the message, so
             # that its result gets a name and a runtime here.
-            task = None
-            tid = b""
-            found = _TASK_ID.search(buf, tail, t)
-            if found is not None:
-                name, tid = found.groups()
-                task = self._task_names.get(name) or self._task_of(name)
-        if tid:
-            known = self._task_ids.get(tid)
-            if known is not None:
-                known.start = known.touched = now
-                self._task_ids.move_to_end(tid)
-            elif task is not None:
-                self._remember_task(tid, task, now).start = now
+            h = tail if t - tail <= DIRECT_SCAN else buf.rfind(_HEADERS, tail, t)
+            found = _TASK_ID.search(buf, h, t) if h >= 0 else None
+            if found is None:
+                return
+            name, tid = found.groups()
+            task = self._task_names.get(name) or self._task_of(name)
+        ids = self._ids
+        known = ids.get(tid)
+        if known is None:
+            known = self._ids_old.pop(tid, None)
+            if known is None:
+                if task is None:
+                    return
+                if len(ids) >= self._generation_size:
+                    self._age_ids()
+                    ids = self._ids
+                known = _Task(task)
+            ids[tid] = known
+        known.start = now
 
     # ================================================================================ consumers, depth, requeues
 
-    def _queues_of(self, keys: Iterable[bytes]) -> set[QueueStats]:
-        out = set()
-        cache = self._key_queues
-        for key in keys:
-            queue = cache.get(key) or self._queue_of(key)
-            if queue is not _EXCLUDED:
-                out.add(queue)
-        return out
+    def _queues_of(self, keys: list[bytes]) -> tuple[QueueStats, ...]:
+        """The distinct queues among a blocking pop's keys (cached: workers repeat the same few lists)."""
+        ident = tuple(keys)
+        queues = self._key_sets.get(ident)
+        if queues is None:
+            found: dict[QueueStats, None] = {}
+            cache = self._key_queues
+            for key in keys:
+                queue = cache.get(key) or self._queue_of(key)
+                if queue is not _EXCLUDED:
+                    found[queue] = None
+            queues = tuple(found)
+            if len(self._key_sets) < KEY_CACHE_MAX:
+                self._key_sets[ident] = queues
+        return queues
 
     def consumer_blocked(self, keys: list[bytes]) -> None:
         """A client is now blocked in a pop on ``keys`` (one count per distinct queue among them)."""
@@ -751,38 +773,44 @@ class Observer:
 
     # ================================================================================ pairing maps
 
-    def _sweep(self, now: float) -> None:
-        """Drop pairing entries older than ``pending_ttl`` (both maps are ordered oldest first)."""
-        self._last_sweep = now
-        cutoff = now - self.pending_ttl
-        pending = self._pending
-        while pending:
-            tag = next(iter(pending))
-            if pending[tag][2] >= cutoff:
-                break
-            del pending[tag]
-            self.dropped["delivery_tag"] += 1
-        ids = self._task_ids
-        while ids:
-            tid = next(iter(ids))
-            if ids[tid].touched >= cutoff:
-                break
-            del ids[tid]
-            self.dropped["task_id"] += 1
+    def _age(self, now: float) -> None:
+        """pending_ttl has passed since the young generations started: age both maps. Generations start on a grid
+        of pending_ttl, so that sparse calls do not stretch the bound; after a long quiet spell both go."""
+        ttl = self.pending_ttl
+        due = int((now - self._generation_start) // ttl) if ttl > 0 else 2
+        self._age_tags()
+        self._age_ids()
+        if due >= 2:
+            self._age_tags()
+            self._age_ids()
+        self._generation_start = self._generation_start + due * ttl if ttl > 0 else now
+
+    def _age_tags(self) -> None:
+        self.dropped["delivery_tag"] += len(self._tags_old)
+        self._tags_old = self._tags
+        self._tags = {}
+
+    def _age_ids(self) -> None:
+        self.dropped["task_id"] += len(self._ids_old)
+        self._ids_old = self._ids
+        self._ids = {}
 
     def sweep(self) -> None:
-        """Age out pairing entries now (the hot path also does it, at most every ``SWEEP_INTERVAL``)."""
-        self._sweep(self._clock())
+        """Age the pairing maps if their time has come (the hot path does it too; the server calls this on its
+        polling interval so that an idle proxy lets go of old entries as well)."""
+        now = self._clock()
+        if now - self._generation_start >= self.pending_ttl:
+            self._age(now)
 
     @property
     def pending_messages(self) -> int:
         """Pushed messages waiting for their pop (the delivery_tag map's size)."""
-        return len(self._pending)
+        return len(self._tags) + len(self._tags_old)
 
     @property
     def pending_tasks(self) -> int:
         """Task ids remembered for their result (the task id map's size)."""
-        return len(self._task_ids)
+        return len(self._ids) + len(self._ids_old)
 
     # ================================================================================ proxy-level counters
 
@@ -845,7 +873,3 @@ class Observer:
         if value in seen or len(seen) < MAX_SMALL_LABELS:
             return value
         return OTHER
-
-    def use_command_names(self, names: Iterable[str]) -> None:
-        """Replace the table of command names that get their own label (e.g. with command_table's)."""
-        self._known_commands = frozenset(n.lower() for n in names)
