@@ -325,6 +325,9 @@ class Session:
             or data[:1] != b"*"
             # A read this short cannot hold an argument or an argument count over the limits.
             or len(data) > self._fast_limit
+            # A read that ends inside a frame would be parsed twice: leave it to the exact path.
+            or data[-2:] != b"\r\n"
+            or _first_name(data) in self._not_fast
         ):
             return False
         reader.feed(data)
@@ -667,6 +670,9 @@ class Session:
             # hiredis returns a RESP3 attribute as a reply of its own; Redis sends none, but never miscount one.
             or data[:1] == b"|"
             or b"\r\n|" in data
+            or data[-2:] != b"\r\n"  # ends inside a frame
+            or not self._slots
+            or not self._slots[0].plain  # the first reply is not an ordinary one: no use trying
         ):
             return False
         reader.feed(data)
@@ -852,6 +858,22 @@ class Session:
                 out += requeue_for(req.args, resp.decode(raw))
         self._delivered_pops.clear()
         return out
+
+
+def _first_name(data: bytes) -> str:
+    """The command name of the first request in a read starting with '*', from its first bulk header, without
+    parsing the rest ("" when it cannot be told cheaply)."""
+    i = data.find(b"\r\n$", 1, 24)
+    if i < 0:
+        return ""
+    j = data.find(b"\r\n", i + 3, i + 16)
+    if j < 0:
+        return ""
+    try:
+        size = int(data[i + 3 : j])
+    except ValueError:
+        return ""
+    return resp.command_name(data[j + 2 : j + 2 + size])
 
 
 def _is_null(raw: bytes) -> bool:
