@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
 from .config import DEFAULT_LISTEN, DEFAULT_UPSTREAM, LOG_LEVELS, Config, load
@@ -105,7 +105,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def _run(config: Config) -> int:
+async def _run(config: Config, reload: Callable[[], Config]) -> int:
     server = Server(config)
     try:
         await server.start()
@@ -114,7 +114,7 @@ async def _run(config: Config) -> int:
             "cannot listen", extra={"address": str(config.listen), "error": str(exc)}
         )
         return EXIT_START
-    server.install_signals()
+    server.install_signals(reload)
     clean = await server.serve()
     return EXIT_OK if clean else EXIT_DRAIN_TIMEOUT
 
@@ -129,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("brokerproxy").info("starting", extra={"version": __version__})
     loop = _new_loop()
     try:
-        return loop.run_until_complete(_run(config))
+        # SIGHUP reads the same flags, environment and file again.
+        return loop.run_until_complete(_run(config, lambda: build_config(argv, dict(os.environ))))
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:

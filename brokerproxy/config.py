@@ -7,8 +7,8 @@ variables, command-line flags. Every error names the key (``limits.max_bulk_leng
 from __future__ import annotations
 
 import hashlib
-import hmac
 import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -16,6 +16,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from . import resp
+from .acl import WORDING, AclError, UserTable, parse_acl_file
+from .acl import User as AclUser
 from .errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:6380"
@@ -79,33 +81,32 @@ class Upstream:
 
 @dataclass(frozen=True)
 class User:
+    """A ``[[users]]`` entry: a user with every permission (``~* &* +@all``) and these passwords."""
+
     name: str
     # SHA-256 digests of the user's passwords; several at once allow rotation.
     password_hashes: tuple[bytes, ...] = field(repr=False)
     enabled: bool = True
 
+    def acl_user(self) -> AclUser:
+        user = AclUser(self.name)
+        rules = ["on" if self.enabled else "off", *(f"#{h.hex()}" for h in self.password_hashes)]
+        user.apply([*rules, "~*", "&*", "+@all"])
+        return user
 
-class Users:
-    """The proxy's own users, checked in constant time. Implements ``session.Authenticator``."""
 
-    def __init__(self, users: tuple[User, ...]) -> None:
-        self._users = {u.name.encode(): u for u in users}
+@dataclass(frozen=True)
+class Acl:
+    """``[acl]``: Redis ACL users, from a file in Redis's aclfile format and/or inline rule lines."""
+
+    file: str | None = None
+    rules: tuple[str, ...] = ()
+    #: Which Redis's wording NOPERM replies use: "7.2" (Redis 7.2 and later) or "7.0".
+    wording: str = "7.2"
 
     @property
-    def required(self) -> bool:
-        return bool(self._users)
-
-    def check(self, username: bytes, password: bytes) -> str | None:
-        digest = hashlib.sha256(password).digest()
-        user = self._users.get(username)
-        # Compare against every hash, and a dummy when the user is unknown, so timing says nothing.
-        hashes = user.password_hashes if user is not None else (b"\0" * 32,)
-        ok = False
-        for h in hashes:
-            ok |= hmac.compare_digest(digest, h)
-        if user is None or not user.enabled or not ok:
-            return None
-        return user.name
+    def configured(self) -> bool:
+        return self.file is not None or bool(self.rules)
 
 
 #: Seconds between the side connection's PING (for /readyz and brokerproxy_upstream_up) and LLEN of the queues seen.
@@ -135,9 +136,18 @@ class Config:
     users: tuple[User, ...] = ()
     metrics_listen: Address | None = None
     metrics: Metrics = Metrics()
+    acl: Acl = Acl()
+    #: The parsed users of [acl] and [[users]] (validated at load; re-read by ``acl_users()`` on reload).
+    acl_users: tuple[AclUser, ...] = field(default=(), repr=False, compare=False)
 
-    def authenticator(self) -> Users:
-        return Users(self.users)
+    def authenticator(self) -> UserTable:
+        """The user table: [[users]] and [acl] users. With [acl], Redis's default user is added when not defined
+        (nopass, every permission: as in Redis); with [[users]] only, clients must authenticate."""
+        return UserTable(self.acl_users, implicit_default=not self.users or self.acl.configured)
+
+    @property
+    def access_controlled(self) -> bool:
+        return bool(self.acl_users)
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
@@ -288,6 +298,62 @@ def _users(raw: Any) -> tuple[User, ...]:
     return tuple(out)
 
 
+def _acl(raw: Any, config_path: str | None) -> Acl:
+    if not isinstance(raw, dict):
+        raise ConfigError("acl", "expected a table")
+    for key in raw:
+        if key not in ("file", "rules", "wording"):
+            raise ConfigError(f"acl.{key}", "unknown key")
+    file = raw.get("file")
+    if file is not None:
+        if not isinstance(file, str) or not file:
+            raise ConfigError("acl.file", "expected a path")
+        if config_path is not None and not os.path.isabs(file):
+            file = os.path.join(os.path.dirname(os.path.abspath(config_path)), file)  # relative to the config
+    wording = raw.get("wording", "7.2")
+    if wording not in WORDING:
+        raise ConfigError("acl.wording", f"expected one of {', '.join(WORDING)}, got {wording!r}")
+    return Acl(file, tuple(_str_list("acl.rules", raw.get("rules", []))), wording)
+
+
+def load_acl_users(cfg: Acl, users: tuple[User, ...] = ()) -> tuple[AclUser, ...]:
+    """The users the ACL file and inline rules define (and [[users]] as ACL users). Raises ConfigError naming the
+    key, and for a file its line, column and token."""
+    sources: list[tuple[str, str, bytes]] = []
+    if cfg.file is not None:
+        try:
+            with open(cfg.file, "rb") as fh:
+                sources.append(("acl.file", cfg.file, fh.read()))
+        except OSError as exc:
+            raise ConfigError("acl.file", f"cannot read {cfg.file}: {exc.strerror}") from None
+    if cfg.rules:
+        sources.append(("acl.rules", "acl.rules", "\n".join(cfg.rules).encode()))
+    out: dict[str, AclUser] = {}
+    for key, filename, text in sources:
+        try:
+            parsed = parse_acl_file(text, filename)
+        except AclError as exc:
+            raise ConfigError(key, str(exc)) from None
+        for name in _defined_names(text):  # parse_acl_file adds a default user the text may not define
+            if name in out:
+                raise ConfigError(key, f"user {name!r} is defined twice in [acl]")
+            out[name] = parsed[name]
+    for u in users:
+        if u.name in out:
+            raise ConfigError("users", f"user {u.name!r} is defined both in [[users]] and in [acl]")
+        out[u.name] = u.acl_user().freeze()
+    return tuple(out.values())
+
+
+def _defined_names(text: bytes) -> list[str]:
+    names = []
+    for line in text.split(b"\n"):
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == b"user":
+            names.append(parts[1].decode("utf-8", "surrogateescape"))
+    return names
+
+
 def _str_list(key: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(key, "expected an array of strings")
@@ -309,7 +375,7 @@ def load(
             raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    known = set(SCALARS) | {"limits", "users", "metrics"}
+    known = set(SCALARS) | {"limits", "users", "metrics", "acl"}
     for key in raw:
         if key not in known:
             raise ConfigError(key, "unknown key")
@@ -341,8 +407,11 @@ def load(
             raise ConfigError(f"metrics.{key}", "unknown key")
     metrics = Metrics(**{k: METRICS_KEYS[k](f"metrics.{k}", v) for k, v in metrics_raw.items()})
 
-    cfg = Config(limits=limits, users=users, metrics=metrics, **parsed)
-    if cfg.protected_mode and not users and not cfg.listen.is_loopback:
+    acl_cfg = _acl(raw.get("acl", {}), path)
+    acl_users = load_acl_users(acl_cfg, users)
+
+    cfg = Config(limits=limits, users=users, metrics=metrics, acl=acl_cfg, acl_users=acl_users, **parsed)
+    if cfg.protected_mode and not cfg.authenticator().required and not cfg.listen.is_loopback:
         raise ConfigError(
             "protected_mode",
             f"refusing to listen on non-loopback {cfg.listen} with no users configured: add [[users]], or set "

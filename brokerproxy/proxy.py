@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 
 from . import resp
 from .errors import ProtocolError
-from .session import AuthFailed, Close, OpenUpstream, Session, UpstreamFailed
+from .session import AuthFailed, Close, Denied, OpenUpstream, Session, UpstreamFailed
 
 if TYPE_CHECKING:
     from .server import Server
@@ -81,11 +81,16 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         cfg = self.server.config
+        sock = transport.get_extra_info("sockname")
+        local = f"{sock[0]}:{sock[1]}" if isinstance(sock, tuple) else str(sock)
         self.session = Session(
             self.server.authenticator,
             upstream_handshake=cfg.upstream.handshake(),
             limits=cfg.limits,
+            policy=self.server.policy,
             observer=self.server.traffic_observer,
+            acl_log=self.server.acl_log,
+            client_info=f"addr={self.peer} laddr={local}",
         )
         self.server.connection_opened(self)
         self._pump()
@@ -291,6 +296,11 @@ class ClientConnection(asyncio.Protocol):
             elif isinstance(event, AuthFailed):
                 self.server.observer.auth_failed()
                 log.info("client auth failed", extra={"peer": self.peer, "user": event.username})
+            elif isinstance(event, Denied):
+                log.info(
+                    "command denied",
+                    extra={"peer": self.peer, "user": event.username, "command": event.command, "kind": event.kind},
+                )
 
     def _note_delivered(self) -> None:
         transport = self.transport
@@ -334,6 +344,15 @@ class ClientConnection(asyncio.Protocol):
             return
         self._close_when_flushed()
         self._unblock_if_blocked()
+
+    @property
+    def user(self) -> str | None:
+        return self.session.user if hasattr(self, "session") else None
+
+    def close(self) -> None:
+        """Close the client connection (a reload removed or disabled its user)."""
+        if self.transport is not None and not self._left:
+            self.transport.close()
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -8,13 +8,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import resp
+from .acl import AclPolicy
+from .acl_log import AclLog
 from .commands import Requeue
 from .config import Config
 from .endpoints import HTTPEndpoints
+from .errors import ConfigError
 from .metrics import build_registry
 from .observe import Observer
 from .proxy import ClientConnection
@@ -32,12 +35,16 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.authenticator = config.authenticator()
+        #: The ACL check, when users are configured (with none, every client is Redis's all-powerful default user).
+        self.policy = AclPolicy(self.authenticator, wording=config.acl.wording) if config.access_controlled else None
+        self.acl_log = AclLog()
         m = config.metrics
         #: Every counter the proxy keeps (the metrics endpoint exports them).
         self.observer = Observer(m.max_queues, m.max_tasks, key_prefix=m.key_prefix.encode())
         #: The observer the sessions feed with traffic: only when metrics are served, since reading traffic costs.
         self.traffic_observer = self.observer if config.metrics_listen is not None else None
         self.upstream_up = False
+        self.reload_failures = 0
         self._endpoints: HTTPEndpoints | None = None
         self.draining = False
         self._connections: set[ClientConnection] = set()
@@ -223,10 +230,41 @@ class Server:
     def ports(self) -> list[int]:
         return [s.getsockname()[1] for srv in self._servers for s in getattr(srv, "sockets", ())]
 
-    def install_signals(self) -> None:
+    def install_signals(self, reload: Callable[[], Config] | None = None) -> None:
+        """SIGTERM/SIGINT drain; SIGHUP calls ``reload`` for a new config and applies its users and rules."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self._sigint)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._sighup, reload)
+
+    def _sighup(self, reload: Callable[[], Config]) -> None:
+        try:
+            new = reload()
+        except ConfigError as exc:
+            self.reload_failures += 1
+            log.error("reload failed; keeping the old users and rules", extra={"key": exc.key, "error": exc.why})
+            return
+        self.reload_users(new)
+
+    def reload_users(self, new: Config) -> None:
+        """Apply a new config's users and rules without dropping connections: sessions see them from their next
+        command (the table is updated in place); connections of a removed or disabled user are closed."""
+        if self.policy is None and new.access_controlled:
+            log.warning("reload: access control cannot be turned on without a restart; users not applied")
+            self.reload_failures += 1
+            return
+        self.authenticator.load(new.acl_users)
+        closed = 0
+        for conn in list(self._connections):
+            user = conn.user
+            if user is None:
+                continue
+            u = self.authenticator.get(user)
+            if u is None or not u.enabled:
+                conn.close()
+                closed += 1
+        log.info("reloaded users and rules", extra={"users": len(self.authenticator.users), "closed": closed})
 
     def _sigint(self) -> None:
         if self._stop.is_set():

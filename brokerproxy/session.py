@@ -37,7 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import resp
+from . import acl_log, resp
+from .acl_log import AclLog
 from .commands import (
     BLOCKING,
     NO_AUTH,
@@ -114,7 +115,17 @@ class AuthFailed:
     username: str
 
 
-Event = OpenUpstream | Close | UpstreamFailed | AuthFailed
+@dataclass(frozen=True, slots=True)
+class Denied:
+    """The ACL refused a command (for the audit trail: never argument values beyond the refused key/channel)."""
+
+    username: str | None
+    command: str
+    kind: str  # command, key, channel
+    object: str
+
+
+Event = OpenUpstream | Close | UpstreamFailed | AuthFailed | Denied
 
 # Slot kinds
 _FORWARD = 0  # reply from Redis goes to the client
@@ -186,11 +197,17 @@ class Session:
         policy: Policy | None = None,
         observer: Observer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        acl_log: AclLog | None = None,
+        client_info: str = "",
     ) -> None:
         self._auth = authenticator
         self._policy = policy
         self._observer = observer
         self._clock = clock
+        self._acl_log = acl_log
+        self.client_info = client_info  # for ACL LOG entries: "addr=… laddr=…"
+        self._probe = resp.Request([b""], b"")
+        self._auth_command = b"AUTH"  # reused for the policy check on the fast path
         # Requests the fast path must leave to the exact one: the observer reads some requests and replies.
         self._not_fast = _NOT_FAST | (observer.WATCH_REQUESTS | observer.WATCH_REPLIES if observer else frozenset())
         self._watch_requests = observer.WATCH_REQUESTS if observer else frozenset()
@@ -318,7 +335,6 @@ class Session:
         if (
             reader is None
             or self.user is None
-            or self._policy is not None
             or self._reply_off
             or self._reply_skip
             or self._requests.buffered
@@ -334,6 +350,9 @@ class Session:
         names: list[str] = []
         names_cache = resp.COMMAND_NAMES
         not_fast = self._not_fast
+        policy = self._policy
+        probe = self._probe
+        user = self.user
         try:
             while (args := reader.gets()) is not False:
                 if type(args) is not list or not args or type(args[0]) is not bytes:
@@ -341,6 +360,11 @@ class Session:
                 name = names_cache.get(args[0]) or resp.command_name(args[0])
                 if name in not_fast:
                     break
+                if policy is not None:
+                    probe.args = args
+                    probe.name = name
+                    if policy.check(user, probe) is not None:
+                        break  # refused: the exact path answers it
                 names.append(name)
             else:
                 if resp.at_frame_boundary(reader):
@@ -367,6 +391,7 @@ class Session:
         if self._policy is not None and name not in NO_AUTH:
             denial = self._policy.check(self.user, req)
             if denial is not None:
+                self._denied(req, denial)
                 self._refuse(denial)
                 return
         handler = _HANDLERS.get(name)
@@ -409,6 +434,19 @@ class Session:
         else:
             self._out_client += data
 
+    def _denied(self, req: resp.Request, text: str) -> None:
+        """Record a refusal by the ACL: in ACL LOG, the metrics and the events (for the audit trail)."""
+        explain = getattr(self._policy, "explain", None)
+        denial = explain(self.user, req) if explain is not None else None
+        kind = denial.reason if denial is not None else "other"
+        if self._acl_log is not None and denial is not None and self.user is not None:
+            context = "multi" if self._in_multi else "toplevel"
+            self._acl_log.record_denial(denial, self.user, context=context, client_info=self.client_info)
+        if self._observer is not None:
+            self._observer.acl_denied(self.user, kind)
+        obj = denial.object.decode("utf-8", "backslashreplace") if denial is not None else ""
+        self._events.append(Denied(self.user, req.name, kind, obj))
+
     def _refuse(self, text: str) -> None:
         """A request the proxy answers with an error and does not forward."""
         if self._in_multi:
@@ -438,6 +476,7 @@ class Session:
 
     def _cmd_auth(self, req: resp.Request) -> None:
         args = req.args
+        self._auth_command = args[0]
         if self._in_multi:
             self._refuse(NOT_IN_MULTI)
             return
@@ -466,10 +505,13 @@ class Session:
             user = self._auth.check(username, password)
         if user is None:
             self._events.append(AuthFailed(username.decode("utf-8", "replace")))
+            if self._acl_log is not None:
+                self._acl_log.record_auth_failure(username, self._auth_command, client_info=self.client_info)
         return user
 
     def _cmd_hello(self, req: resp.Request) -> None:
         args = req.args
+        self._auth_command = args[0]
         if self._in_multi:
             self._refuse(NOT_IN_MULTI)
             return
@@ -584,6 +626,19 @@ class Session:
 
     def _subscriptions(self, kind: str) -> set[bytes]:
         return self._channels if kind == "channel" else self._patterns if kind == "pattern" else self._shard
+
+    def _cmd_acl(self, req: resp.Request) -> None:
+        """ACL WHOAMI/CAT/LOG are the proxy's own (about its users, not Redis's). Any other subcommand reaches
+        Redis only for a user the ACL explicitly allows it; without an ACL, never."""
+        log = self._acl_log
+        reply = acl_log.answer(req.args, self.user, log, self.protocol) if log is not None else None
+        if reply is not None:
+            self._local(reply)
+        elif self._policy is not None and len(req.args) >= 2:
+            self._forward(req)  # the policy already allowed this user acl|<subcommand>
+        else:
+            sub = req.args[1].decode("utf-8", "replace").lower() if len(req.args) >= 2 else ""
+            self._refuse(f"NOPERM this user has no permissions to run the 'acl|{sub}' command")
 
     def _cmd_monitor(self, req: resp.Request) -> None:
         self._forward(req, hook="monitor")
@@ -890,6 +945,7 @@ _HANDLERS = {
     "discard": Session._cmd_discard,
     "select": Session._cmd_select,
     "monitor": Session._cmd_monitor,
+    "acl": Session._cmd_acl,
     "client": Session._cmd_client,
     **{name: Session._cmd_subscribe for name in SUBSCRIBE},
     **{name: Session._cmd_unsubscribe for name in UNSUBSCRIBE},
