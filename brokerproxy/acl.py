@@ -35,14 +35,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from . import keyspec
 from .command_table import CATEGORIES
-from .keyspec import ALL_COMMANDS, CHANNEL_PATTERN, CHANNEL_PUBLISH, CHANNEL_SUBSCRIBE, NEED_READ, NEED_WRITE, Command
+from .globmatch import compile_set
+from .keyspec import (
+    ALL_COMMANDS,
+    CHANNEL_PATTERN,
+    CHANNEL_PUBLISH,
+    CHANNEL_SUBSCRIBE,
+    NEED_READ,
+    NEED_WRITE,
+    Command,
+    key_needs,
+)
 from .keyspec import cstr as _cstr
 from .resp import Request
 
@@ -111,109 +120,6 @@ class _RuleError(Exception):
         self.reason = reason
 
 
-# ------------------------------------------------------------------------------------------------ glob patterns
-
-# Matcher kinds: how a pattern is tested against a key or channel.
-_LITERAL, _PREFIX, _NONEMPTY, _NEVER, _REGEX = range(5)
-Matcher = tuple[int, object]
-#: Redis (since the CVE-2024-31228 fix) gives up on a pattern that nests more than 1000 '*' deep.
-GLOB_MAX_NESTING = 1000
-
-
-def compile_glob(pattern: bytes) -> Matcher:
-    """A matcher for ``pattern`` with Redis's ``stringmatchlen`` semantics (case-sensitive): ``*``, ``?``,
-    ``[…]`` with ``^``, ``a-z`` ranges (compared as signed chars, either order) and ``\\`` escapes, an
-    unterminated class running to the end; an empty string matches only the empty pattern."""
-    if not any(c in pattern for c in b"*?[\\"):
-        return _LITERAL, pattern
-    stripped = pattern.rstrip(b"*")
-    if not stripped:
-        return _NONEMPTY, None
-    if not any(c in stripped for c in b"*?[\\"):
-        return _PREFIX, stripped
-    groups = len(re.findall(rb"\*+", pattern))
-    if groups - (1 if pattern.endswith(b"*") else 0) > GLOB_MAX_NESTING:
-        return _NEVER, None
-    return _REGEX, re.compile(_glob_regex(pattern), re.DOTALL).fullmatch
-
-
-def _signed(c: int) -> int:
-    return c - 256 if c >= 128 else c
-
-
-def _byte_class(members: set[int]) -> bytes:
-    if not members:
-        return b"(?!)"
-    if len(members) == 256:
-        return b"."
-    out = bytearray(b"[")
-    values = sorted(members)
-    start = prev = values[0]
-    for v in [*values[1:], -2]:
-        if v == prev + 1:
-            prev = v
-            continue
-        out += b"\\x%02x" % start if start == prev else b"\\x%02x-\\x%02x" % (start, prev)
-        start = prev = v
-    return bytes(out + b"]")
-
-
-def _glob_regex(p: bytes) -> bytes:
-    out: list[bytes] = []
-    n = len(p)
-    i = 0
-    while i < n:
-        c = p[i]
-        if c == 0x2A:  # '*': runs of stars are one
-            while i + 1 < n and p[i + 1] == 0x2A:
-                i += 1
-            out.append(b".*")
-        elif c == 0x3F:  # '?'
-            out.append(b".")
-        elif c == 0x5B:  # '['
-            i += 1
-            negate = i < n and p[i] == 0x5E
-            if negate:
-                i += 1
-            members: set[int] = set()
-            while True:
-                if i < n and p[i] == 0x5C and n - i >= 2:  # escaped member
-                    i += 1
-                    members.add(p[i])
-                elif i < n and p[i] == 0x5D:  # ']'
-                    break
-                elif i >= n:  # unterminated: the class ends with the pattern
-                    i -= 1
-                    break
-                elif n - i >= 3 and p[i + 1] == 0x2D:  # a-z, as signed chars, either order
-                    lo, hi = sorted((_signed(p[i]), _signed(p[i + 2])))
-                    members.update(b for b in range(256) if lo <= _signed(b) <= hi)
-                    i += 2
-                else:
-                    members.add(p[i])
-                i += 1
-            out.append(_byte_class(set(range(256)) - members if negate else members))
-        else:
-            if c == 0x5C and n - i >= 2:  # '\x' is x; a trailing '\' is itself
-                i += 1
-            out.append(re.escape(p[i : i + 1]))
-        i += 1
-    return b"".join(out)
-
-
-def glob_match(matcher: Matcher, subject: bytes) -> bool:
-    kind, data = matcher
-    if kind == _LITERAL:
-        return subject == data
-    if kind == _PREFIX:
-        return subject.startswith(data)  # type: ignore[arg-type]
-    if kind == _NONEMPTY:
-        return bool(subject)
-    if kind == _NEVER:
-        return False
-    return data(subject) is not None  # type: ignore[operator]
-
-
 # ------------------------------------------------------------------------------------------------ selectors
 
 _READ, _WRITE = NEED_READ, NEED_WRITE
@@ -228,11 +134,12 @@ class Selector:
         "allcommands",
         "allkeys",
         "allowed",
-        "channel_matchers",
+        "channel_literals",
+        "channel_ok",
         "channels",
         "firstargs",
         "future",
-        "key_matchers",
+        "key_ok",
         "patterns",
         "root",
     )
@@ -247,9 +154,11 @@ class Selector:
         self.firstargs: dict[int, list[bytes]] = {}  # command id -> allowed first arguments (lower-case)
         self.patterns: dict[bytes, int] = {}  # key pattern -> _READ|_WRITE, in the order added
         self.channels: dict[bytes, None] = {}  # channel patterns, in the order added
-        # Compiled when the user is finished (``User.freeze``): matchers per permission asked (index 0..3).
-        self.key_matchers: tuple[tuple[Matcher, ...], ...] = ((), (), (), ())
-        self.channel_matchers: tuple[tuple[bytes, bytes, Matcher], ...] = ()
+        # Compiled by ``freeze``: whether a key may be used, per permission asked (index NEED_READ|NEED_WRITE);
+        # whether a channel matches a pattern; the patterns a PSUBSCRIBE may name (C strings).
+        self.key_ok: tuple[Callable[[bytes], bool], ...] = (_never,) * 4
+        self.channel_ok: Callable[[bytes], bool] = _never
+        self.channel_literals: frozenset[bytes] = frozenset()
 
     def copy(self) -> Selector:
         new = Selector(self.root)
@@ -261,9 +170,11 @@ class Selector:
         return new
 
     def freeze(self) -> None:
-        compiled = [(flags, compile_glob(p)) for p, flags in self.patterns.items()]
-        self.key_matchers = tuple(tuple(m for flags, m in compiled if flags & need == need) for need in range(4))
-        self.channel_matchers = tuple((p, _cstr(p), compile_glob(p)) for p in self.channels)
+        self.key_ok = tuple(
+            compile_set([p for p, flags in self.patterns.items() if flags & need == need]) for need in range(4)
+        )
+        self.channel_ok = compile_set(self.channels)
+        self.channel_literals = frozenset(_cstr(p) for p in self.channels)
 
     # -- rules (Redis's ACLSetSelector)
 
@@ -384,25 +295,18 @@ class Selector:
         return self.allcommands or cmd.no_auth or bool(self.allowed >> cmd.id & 1)
 
     def key_allowed(self, key: bytes, need: int) -> bool:
-        for kind, data in self.key_matchers[need]:
-            if kind == _LITERAL:
-                if key == data:
-                    return True
-            elif kind == _PREFIX:
-                if key.startswith(data):  # type: ignore[arg-type]
-                    return True
-            elif kind == _NONEMPTY:
-                if key:
-                    return True
-            elif kind == _REGEX and data(key) is not None:  # type: ignore[operator]
-                return True
-        return False
+        return self.allkeys or self.key_ok[need](key)
 
     def channel_allowed(self, channel: bytes, is_pattern: bool) -> bool:
+        if self.allchannels:
+            return True
         if is_pattern:  # a pattern subscription must name an ACL pattern literally (C string compare)
-            literal = _cstr(channel)
-            return any(c == literal for _, c, _ in self.channel_matchers)
-        return any(glob_match(m, channel) for _, _, m in self.channel_matchers)
+            return _cstr(channel) in self.channel_literals
+        return self.channel_ok(channel)
+
+
+def _never(subject: bytes) -> bool:
+    return False
 
 
 _CATEGORY_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
@@ -525,7 +429,7 @@ class User:
         self.selectors: list[Selector] = [Selector(root=True)]
         #: Lua scripts this user may run with EVAL/EVALSHA (lower-case SHA1 hex), or None for no such limit.
         self.scripts: frozenset[bytes] | None = None
-        self._cache: dict[str, tuple[Command, object]] = {}
+        self._cache: dict[str, tuple[int, object, Command]] = {}  # command name -> (arity, verdict, command)
 
     @property
     def root(self) -> Selector:
@@ -751,10 +655,12 @@ class UserTable:
             return cls.from_acl(f.read(), path, allow_comments=allow_comments)
 
     def load(self, users: Iterable[User]) -> None:
+        """Replace every user (in place: policies hold this table's dict)."""
         new = {u.name: u.freeze() for u in users}
         if "default" not in new and self._implicit_default:
             new["default"] = default_user().freeze()
-        self._users = new
+        self._users.clear()
+        self._users.update(new)
 
     def get(self, name: str) -> User | None:
         return self._users.get(name)
@@ -793,7 +699,135 @@ class Denial:
     message: str
 
 
-_DYNAMIC: Final = object()  # the verdict depends on the arguments
+class _Plan:
+    """A (user, command) verdict that depends on the arguments: the selectors that allow the command (None when
+    first-argument rules are involved: check every selector), and whether the script allowlist applies."""
+
+    __slots__ = ("cmd", "fast", "scripts", "selectors")
+
+    def __init__(
+        self,
+        cmd: Command,
+        selectors: tuple[Selector, ...] | None,
+        scripts: bool,
+        allowed: frozenset[bytes] = frozenset(),
+    ) -> None:
+        self.cmd = cmd
+        self.selectors = selectors
+        self.scripts = scripts
+        #: A quick yes: True when the first selector allowing the command allows these arguments (False: ask
+        #: ``evaluate``, which also words the refusal).
+        self.fast = _fast_lane(cmd, selectors[0], allowed if scripts else None) if selectors else None
+
+
+Lane = Callable[[list[bytes]], bool]
+
+
+def _fast_lane(cmd: Command, s: Selector, scripts: frozenset[bytes] | None) -> Lane | None:
+    lane = _keys_lane(cmd, s) if cmd.has_keys and not s.allkeys else _channels_lane(cmd, s)
+    if lane is None or scripts is None:
+        return lane
+    by_sha = SCRIPT_COMMANDS[cmd.name]
+    inner = lane
+
+    def script_lane(args: list[bytes]) -> bool:
+        sha = args[1].lower() if by_sha else hashlib.sha1(args[1]).hexdigest().encode()
+        return sha in scripts and inner(args)
+
+    return script_lane
+
+
+def _keys_lane(cmd: Command, s: Selector) -> Lane | None:
+    spec = cmd.channel_spec
+    if spec is not None and spec[0] & (CHANNEL_PUBLISH | CHANNEL_SUBSCRIBE) and not s.allchannels:
+        return None  # keys and channels at once: no such command in Redis 7.0; leave it to evaluate
+    fixed = cmd.fixed_needs
+    if fixed is not None:
+        if len(fixed) == 1:
+            position, need = fixed[0]
+            ok = s.key_ok[need]
+
+            def one_key(args: list[bytes]) -> bool:
+                return ok(args[position])
+
+            return one_key
+        pairs = tuple((p, s.key_ok[need]) for p, need in fixed)
+
+        def fixed_keys(args: list[bytes]) -> bool:
+            for p, ok in pairs:
+                if not ok(args[p]):
+                    return False
+            return True
+
+        return fixed_keys
+    if cmd.simple_range is not None:
+        first, lastkey, step, need = cmd.simple_range
+        ok = s.key_ok[need]
+
+        def ranged_keys(args: list[bytes]) -> bool:
+            argc = len(args)
+            last = argc + lastkey if lastkey < 0 else first + lastkey
+            if not first <= last < argc:
+                return False
+            for p in range(first, last + 1, step):
+                if not ok(args[p]):
+                    return False
+            return True
+
+        return ranged_keys
+    if cmd.simple_keynum is not None:
+        at, start, kstep, kneed = cmd.simple_keynum
+        kok = s.key_ok[kneed]
+
+        def counted_keys(args: list[bytes]) -> bool:
+            argc = len(args)
+            count = args[at] if at < argc else b""
+            if not count.isdigit() or len(count) > 9 or count[0] == 0x30:
+                return False  # not a plain positive number: evaluate follows Redis through the odd cases
+            numkeys = int(count)
+            if start + numkeys > argc:
+                return False
+            for p in range(start, start + numkeys, kstep):
+                if not kok(args[p]):
+                    return False
+            return True
+
+        return counted_keys
+    return None
+
+
+def _channels_lane(cmd: Command, s: Selector) -> Lane | None:
+    spec = cmd.channel_spec
+    if spec is None or not spec[0] & (CHANNEL_PUBLISH | CHANNEL_SUBSCRIBE) or s.allchannels:
+        return _yes
+    flags, start, count = spec
+    if flags & CHANNEL_PATTERN:
+        literals = s.channel_literals
+
+        def patterns(args: list[bytes]) -> bool:
+            return all(_cstr(arg) in literals for arg in args[start:])
+
+        return patterns
+    ok = s.channel_ok
+    if count == 1:
+
+        def one_channel(args: list[bytes]) -> bool:
+            return ok(args[start])
+
+        return one_channel
+
+    def channels(args: list[bytes]) -> bool:
+        for arg in args[start:]:
+            if not ok(arg):
+                return False
+        return True
+
+    return channels
+
+
+def _yes(args: list[bytes]) -> bool:
+    return True
+
 
 #: Reply texts by Redis version. "7.0" is what Redis 7.0 answers; "7.2" what Redis 7.2+ answers.
 WORDING: Final = {
@@ -817,6 +851,8 @@ def _text(arg: bytes, limit: int = 128) -> str:
 
 def unknown_command_error(args: Sequence[bytes]) -> str:
     """Redis's reply to a command (or subcommand) it does not know."""
+    if not args:
+        return "ERR unknown command '', with args beginning with: "
     container = keyspec.TABLE.get(args[0].decode("latin-1").lower())
     if container is not None and container.subcommands is not None and len(args) > 1:
         text = f"ERR unknown subcommand '{_text(args[1])}'. Try {_cstr(args[0]).decode('latin-1').upper()} HELP."
@@ -839,59 +875,70 @@ class AclPolicy:
 
     def __init__(self, table: UserTable, *, wording: str = "7.0") -> None:
         self._table = table
+        self._users = table._users  # the table updates this dict in place on load()
         self._deny_cmd, self.deny_key, self.deny_channel = WORDING[wording]
 
     def check(self, user: str | None, request: Request) -> str | None:
         args = request.args
-        name = request.name
-        u = self._table._users.get(user) if user is not None else None
+        u = self._users.get(user)  # type: ignore[arg-type]
         if u is None:
-            return NOAUTH if user is None else self._deny_cmd.format(user=user, cmd=name)
-        entry = u._cache.get(name)
+            return NOAUTH if user is None else self._deny_cmd.format(user=user, cmd=request.name)
+        entry = u._cache.get(request.name)
         if entry is None:
-            top = keyspec.TABLE.get(name)
-            if top is None:
+            entry = self._entry(u, request.name, args)
+            if entry is None:
                 return self._unknown(u, args)
-            entry = u._cache[name] = (top, self._verdict(u, top))
-        cmd, verdict = entry
-        if verdict.__class__ is dict:  # a container: its subcommands' verdicts are cached in it
-            if len(args) > 1:
-                subs: dict[bytes, tuple[Command, object]] = verdict
-                sub_name = args[1].lower()
-                sub_entry = subs.get(sub_name)
-                if sub_entry is None:
-                    sub = cmd.subcommands.get(sub_name) if cmd.subcommands else None
-                    if sub is None:
-                        return self._unknown(u, args)
-                    sub_entry = subs[sub_name] = (sub, self._verdict(u, sub))
-                cmd, verdict = sub_entry
-            else:
-                verdict = _DYNAMIC
+        arity, verdict, cmd = entry
+        if verdict is None:  # allowed whatever the arguments: only their number is left to check
+            n = len(args)
+            if (n == arity) if arity > 0 else (n >= -arity):
+                return None
+            return arity_error(cmd)
+        if verdict.__class__ is dict:  # a container: its subcommands' entries are cached in it
+            if len(args) < 2:
+                return arity_error(cmd)  # every container needs a subcommand (arity -2)
+            subs: dict[bytes, tuple[int, object, Command]] = verdict
+            sub_entry = subs.get(args[1].lower())
+            if sub_entry is None:
+                sub = cmd.subcommands.get(args[1].lower()) if cmd.subcommands else None
+                if sub is None:
+                    return self._unknown(u, args)
+                sub_entry = subs[args[1].lower()] = (sub.arity, self._verdict(u, sub), sub)
+            arity, verdict, cmd = sub_entry
         n = len(args)
-        arity = cmd.arity
         if (n != arity) if arity > 0 else (n < -arity):
             return arity_error(cmd)
-        if verdict is _DYNAMIC:
-            return self._check_args(u, cmd, args)
+        if verdict.__class__ is _Plan:
+            fast = verdict.fast
+            if fast is not None and fast(args):
+                return None
+            return self._check_args(u, verdict, args)
         return verdict  # type: ignore[return-value]
+
+    def _entry(self, u: User, name: str, args: list[bytes]) -> tuple[int, object, Command] | None:
+        top = keyspec.TABLE.get(name)
+        if top is None:
+            return None
+        entry = u._cache[name] = (top.arity, self._verdict(u, top), top)
+        return entry
 
     def _verdict(self, u: User, cmd: Command) -> object:
         """The verdict for a (user, command) pair if it does not depend on the arguments, else _DYNAMIC. For a
         container, a dict to hold its subcommands' verdicts."""
         if cmd.subcommands is not None:
             return {}
-        if u.scripts is not None and cmd.name in SCRIPT_COMMANDS:
-            return _DYNAMIC
+        scripts = u.scripts is not None and cmd.name in SCRIPT_COMMANDS
         channels = cmd.channel_spec is not None and bool(cmd.channel_spec[0] & (CHANNEL_PUBLISH | CHANNEL_SUBSCRIBE))
-        maybe = False
-        for s in u.selectors:
-            if s.allows_command(cmd):
+        allowing = [s for s in u.selectors if s.allows_command(cmd)]
+        by_first_arg = any(cmd.id in s.firstargs for s in u.selectors)
+        if not allowing and not by_first_arg:
+            return self._deny_cmd.format(user=u.name, cmd=cmd.name)
+        if not scripts:
+            for s in allowing:
                 if (s.allkeys or not cmd.has_keys) and (s.allchannels or not channels):
                     return None
-                maybe = True
-            elif cmd.id in s.firstargs:
-                maybe = True
-        return _DYNAMIC if maybe else self._deny_cmd.format(user=u.name, cmd=cmd.name)
+        # Depends on the arguments. Without first-argument rules only the selectors allowing the command matter.
+        return _Plan(cmd, None if by_first_arg else tuple(allowing), scripts, u.scripts or frozenset())
 
     def _unknown(self, u: User, args: list[bytes]) -> str | None:
         # A command the table does not know (a newer Redis, a module): only a selector that allows every command,
@@ -901,10 +948,11 @@ class AclPolicy:
                 return None
         return unknown_command_error(args)
 
-    def _check_args(self, u: User, cmd: Command, args: list[bytes]) -> str | None:
-        result, _ = evaluate(u, cmd, args)
+    def _check_args(self, u: User, plan: _Plan, args: list[bytes]) -> str | None:
+        cmd = plan.cmd
+        result, _ = evaluate(u, cmd, args, plan.selectors)
         if result == OK:
-            if u.scripts is not None and cmd.name in SCRIPT_COMMANDS and _script_sha(cmd, args) not in u.scripts:
+            if plan.scripts and _script_sha(cmd, args) not in u.scripts:  # type: ignore[operator]
                 return f"NOPERM this user has no permissions to run the script '{_script_sha(cmd, args).decode()}'"
             return None
         if result == DENIED_KEY:
@@ -921,8 +969,8 @@ class AclPolicy:
         if self.check(user, request) is None:
             return None
         args = request.args
-        u = self._table._users.get(user) if user is not None else None
-        cmd = keyspec.lookup(args)
+        u = self._users.get(user) if user is not None else None
+        cmd = keyspec.lookup(args) if args else None
         if cmd is None or u is None or ((len(args) != cmd.arity) if cmd.arity > 0 else (len(args) < -cmd.arity)):
             return None
         message = self.check(user, request) or ""
@@ -935,9 +983,11 @@ class AclPolicy:
 
     def dryrun(self, user: str, args: Sequence[bytes]) -> str:
         """What ``ACL DRYRUN <user> <args…>`` answers: "OK" or the reason, worded as Redis 7.0 words it."""
-        u = self._table._users.get(user)
+        u = self._users.get(user)
         if u is None:
             return f"ERR User '{user}' not found"
+        if not args:
+            return "ERR wrong number of arguments for 'acl|dryrun' command"
         cmd = keyspec.lookup(list(args))
         if cmd is None:
             return f"ERR Command '{_text(args[0], 1 << 30)}' not found"
@@ -960,33 +1010,35 @@ def _script_sha(cmd: Command, args: list[bytes]) -> bytes:
     return hashlib.sha1(args[1]).hexdigest().encode()
 
 
-def evaluate(u: User, cmd: Command, args: list[bytes]) -> tuple[int, int]:
+def evaluate(u: User, cmd: Command, args: list[bytes], allowing: Sequence[Selector] | None = None) -> tuple[int, int]:
     """Redis's ACLCheckAllUserCommandPerm for a known command with the right number of arguments: (OK, 0) or
-    (DENIED_CMD/KEY/CHANNEL, position of the refused key or channel). Scripts' SHA1s are not checked here."""
+    (DENIED_CMD/KEY/CHANNEL, position of the refused key or channel). Scripts' SHA1s are not checked here.
+    ``allowing``: the user's selectors that allow this command, when the caller knows them (and no first-argument
+    rule is involved); the command check is then skipped."""
     keys: Sequence[tuple[int, int]] | None = None
     best, best_pos = DENIED_CMD, 0
-    for s in u.selectors:
-        if not (s.allcommands or cmd.no_auth or s.allowed >> cmd.id & 1):
+    spec = cmd.channel_spec
+    channels = spec is not None and bool(spec[0] & (CHANNEL_PUBLISH | CHANNEL_SUBSCRIBE))
+    for s in u.selectors if allowing is None else allowing:
+        if allowing is None and not (s.allcommands or cmd.no_auth or s.allowed >> cmd.id & 1):
             first = s.firstargs.get(cmd.id)
             if not first or len(args) < 2 or _cstr(args[2 if cmd.parent else 1]).lower() not in first:
                 continue  # DENIED_CMD: never more relevant than what is already recorded
         if not s.allkeys and cmd.has_keys:
             if keys is None:
-                keys = cmd.fixed_needs
-                if keys is None or len(args) < abs(cmd.arity):
-                    keys = [(p, keyspec.key_need(f)) for p, f in keyspec.get_keys(cmd, args)]
+                keys = key_needs(cmd, args)
+            ok = s.key_ok
             refused = -1
             for position, need in keys:
-                if not s.key_allowed(args[position], need):
+                if not ok[need](args[position]):
                     refused = position
                     break
             if refused >= 0:
                 if best < DENIED_KEY or (best == DENIED_KEY and refused > best_pos):
                     best, best_pos = DENIED_KEY, refused
                 continue
-        spec = cmd.channel_spec
-        if not s.allchannels and spec is not None and spec[0] & (CHANNEL_PUBLISH | CHANNEL_SUBSCRIBE):
-            is_pattern = bool(spec[0] & CHANNEL_PATTERN)
+        if channels and not s.allchannels:
+            is_pattern = bool(spec[0] & CHANNEL_PATTERN)  # type: ignore[index]
             refused = -1
             for position, _ in keyspec.get_channels(cmd, args):
                 if not s.channel_allowed(args[position], is_pattern):

@@ -23,10 +23,10 @@ first NUL byte where Redis uses C string functions (``strcasecmp``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from .command_table import CATEGORIES, COMMANDS, CommandSpec, KeySpec
+from .command_table import COMMANDS, CommandSpec, KeySpec
 
 # Key-spec flags, as bits.
 RW = 1 << 0
@@ -95,6 +95,8 @@ def cstr(arg: bytes) -> bytes:
 
 def string2ll(arg: bytes) -> int | None:
     """Redis's strict integer parse: optional '-', no '+', no spaces, no leading zeros, fits in 64 bits."""
+    if arg.isdigit() and len(arg) < 19 and (arg[0] != 0x30 or len(arg) == 1):
+        return int(arg)  # the common case: a small non-negative number
     if not arg or len(arg) > 20:
         return None
     if arg == b"0":
@@ -147,7 +149,6 @@ class Command:
     __slots__ = (
         "arity",
         "categories",
-        "category_bits",
         "channel_spec",
         "fixed_keys",
         "fixed_needs",
@@ -159,6 +160,8 @@ class Command:
         "name",
         "no_auth",
         "parent",
+        "simple_keynum",
+        "simple_range",
         "specs",
         "subcommands",
         "use_specs",
@@ -170,7 +173,6 @@ class Command:
         self.arity = spec.arity
         self.flags = frozenset(spec.flags)
         self.categories = spec.categories
-        self.category_bits = sum(1 << CATEGORIES.index(c) for c in spec.categories)
         self.parent = parent
         self.no_auth = "no_auth" in self.flags
         self.subcommands: dict[bytes, Command] | None = None
@@ -185,6 +187,17 @@ class Command:
         self.fixed_keys = self._fixed_keys()
         # The same with what each key asks of the ACL (NEED_READ/NEED_WRITE), for the check's fast path.
         self.fixed_needs = None if self.fixed_keys is None else tuple((p, key_need(f)) for p, f in self.fixed_keys)
+        # One spec, "index then range" or "index then keynum": the shapes of DEL/MGET/BRPOP and EVAL/LMPOP, whose
+        # key positions the check computes directly (anything unusual falls back to get_keys).
+        self.simple_range: tuple[int, int, int, int] | None = None
+        self.simple_keynum: tuple[int, int, int, int] | None = None
+        keyed = [k for k in self.specs if not k.flags & NOT_KEY]
+        if self.use_specs and len(keyed) == 1 and keyed[0].begin == "index" and not keyed[0].flags & INCOMPLETE:
+            k = keyed[0]
+            if k.find == "range" and not k.c and k.b > 0:
+                self.simple_range = (k.pos, k.a, k.b, key_need(k.flags))
+            elif k.find == "keynum" and k.c > 0:
+                self.simple_keynum = (k.pos + k.a, k.pos + k.b, k.c, key_need(k.flags))
         self.mask = 1 << cid  # this command's bit, and (for containers, set later) its subcommands' bits
 
     def _fixed_keys(self) -> tuple[tuple[int, int], ...] | None:
@@ -296,7 +309,7 @@ def _migrate(args: list[bytes]) -> Keys:
         while i < argc:
             word = cstr(args[i]).lower()
             if word == b"keys":
-                if cstr(args[3]):  # a key and KEYS at once is a syntax error: no keys, the command reports it
+                if args[3]:  # a key and KEYS at once is a syntax error: no keys, the command reports it
                     num = 0
                 else:
                     first = i + 1
@@ -481,6 +494,31 @@ def get_keys(cmd: Command, args: list[bytes]) -> Keys:
     if cmd.getkeys is not None:
         return cmd.getkeys(args)
     return []
+
+
+def key_needs(cmd: Command, args: list[bytes]) -> Sequence[tuple[int, int]]:
+    """``get_keys`` with what each key asks of the ACL instead of its flags: [(position, NEED_READ|NEED_WRITE)].
+    The check's fast path: fixed positions, one range (DEL, MGET, BRPOP) or one numkeys (EVALSHA) are computed
+    directly."""
+    argc = len(args)
+    fixed = cmd.fixed_needs
+    if fixed is not None and argc >= abs(cmd.arity):
+        return fixed
+    simple = cmd.simple_range
+    if simple is not None:
+        first, lastkey, step, need = simple
+        last = argc + lastkey if lastkey < 0 else first + lastkey
+        if first <= last < argc:
+            return [(p, need) for p in range(first, last + 1, step)]
+    simple = cmd.simple_keynum
+    if simple is not None:
+        at, first, step, need = simple
+        numkeys = string2ll(args[at]) if at < argc else None
+        if numkeys is not None and 0 < numkeys < argc:
+            last = first + numkeys - 1
+            if last < argc:
+                return [(p, need) for p in range(first, last + 1, step)]
+    return [(p, key_need(f)) for p, f in get_keys(cmd, args)]
 
 
 def get_channels(cmd: Command, args: list[bytes]) -> list[tuple[int, int]]:
