@@ -229,7 +229,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._upstream_error is not None:
             return  # the client gets the error as the reply to its next request
-        if not self._client_closed and self.transport is not None:
+        if not self._left and self.transport is not None:
             # Redis went away under a live connection: close the client cleanly so it reconnects.
             if not self.session.closing:
                 log.info("upstream closed, closing client", extra={"peer": self.peer})

@@ -178,7 +178,9 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         addr = self.config.listen
-        server = await loop.create_server(lambda: ClientConnection(self), addr.host, addr.port, reuse_address=True)
+        server = await loop.create_server(
+            lambda: ClientConnection(self), addr.host, addr.port, reuse_address=True, backlog=self.config.backlog
+        )
         self._servers.append(server)
         for sock in getattr(server, "sockets", ()):
             name = sock.getsockname()

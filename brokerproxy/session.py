@@ -162,6 +162,8 @@ class _Slot:
 _NOT_PLAIN = POPS.keys() | BLOCKING
 #: Commands the fast path hands to the exact path: the above, and every command with a handler.
 _NO_EVENTS: list[Event] = []
+#: Reads of replies longer than this skip the hiredis fast path: decoding a large value costs more than framing it.
+_FAST_REPLY_MAX = 16 * 1024
 _ReplyError = resp.ReplyErrorType
 #: Pops whose keys are all between the name and a trailing timeout: the ones the consumers gauge follows.
 _CONSUMER_POPS = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax"})
@@ -722,12 +724,13 @@ class Session:
             or self._monitor
             or self._subscribed_seen
             or self._shard_seen
-            # hiredis returns a RESP3 attribute as a reply of its own; Redis sends none, but never miscount one.
-            or data[:1] == b"|"
-            or b"\r\n|" in data
             or data[-2:] != b"\r\n"  # ends inside a frame
             or not self._slots
             or not self._slots[0].plain  # the first reply is not an ordinary one: no use trying
+            or len(data) > _FAST_REPLY_MAX  # a big value: framing it in place is cheaper than decoding it
+            # hiredis returns a RESP3 attribute as a reply of its own; Redis sends none, but never miscount one.
+            or data[:1] == b"|"
+            or b"\r\n|" in data
         ):
             return False
         reader.feed(data)
