@@ -12,9 +12,15 @@ latency for each path, their spread ((max - min) / median), and the ratio proxy/
 repeat (the proxy run over the direct run just before it) and the report shows the median of those paired ratios
 and their range. On a shared machine the ratios are the figures to compare between changes, not the absolutes.
 
+With ``--peers haproxy,twemproxy`` the same runs also go through HAProxy (TCP mode) and twemproxy, each with a
+generated config on free loopback ports in front of the same Redis, in the same rotation (direct, brokerproxy,
+HAProxy, twemproxy); their ratios to direct, and brokerproxy's to theirs, go into a "Peers" section.
+``--install-peers`` installs a missing peer with apt-get; a peer that cannot be had is reported as not available.
+
 Usage::
 
     python bench/e2e_redis_benchmark.py [--quick] [--repeats N] [--requests N] [--out DIR]
+                                        [--peers haproxy,twemproxy] [--install-peers]
 
 Writes ``e2e_redis_benchmark.md`` and ``e2e_redis_benchmark.json`` into ``--out`` (default bench/results/) and
 prints the table. ``--quick`` is a tiny configuration for the test suite: it checks that everything runs, its
@@ -40,8 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +128,16 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
 
 
 @contextmanager
-def redis_server(binary: str, workdir: Path) -> Iterator[tuple[int, list[str]]]:
+def redis_server(
+    binary: str, workdir: Path, *extra: str, preexec_fn: Callable[[], None] | None = None
+) -> Iterator[tuple[int, list[str]]]:
     port = free_port()
     log = workdir / "redis.log"
     cmd = [
         binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(workdir), "--daemonize", "no", "--logfile", str(log),
+        "--dir", str(workdir), "--daemonize", "no", "--logfile", str(log), *extra,
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec_fn)
     try:
         try:
             wait_for_port(port, proc, "redis-server")
@@ -141,9 +149,15 @@ def redis_server(binary: str, workdir: Path) -> Iterator[tuple[int, list[str]]]:
 
 
 @contextmanager
-def proxy_process(upstream_port: int, workdir: Path) -> Iterator[tuple[int, list[str], subprocess.Popen[bytes], Path]]:
+def proxy_process(
+    upstream_port: int,
+    workdir: Path,
+    *,
+    preexec_fn: Callable[[], None] | None = None,
+    log_name: str = "brokerproxy.log",
+) -> Iterator[tuple[int, list[str], subprocess.Popen[bytes], Path]]:
     port = free_port()
-    log = workdir / "brokerproxy.log"
+    log = workdir / log_name
     cmd = [
         sys.executable, "-m", "brokerproxy",
         "--listen", f"127.0.0.1:{port}", "--upstream", f"redis://127.0.0.1:{upstream_port}/0",
@@ -151,7 +165,9 @@ def proxy_process(upstream_port: int, workdir: Path) -> Iterator[tuple[int, list
     # Measure this checkout's code, whether or not it is the one installed in the environment.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     with open(log, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO, preexec_fn=preexec_fn
+        )
         try:
             try:
                 wait_for_port(port, proc, "brokerproxy")
@@ -160,6 +176,122 @@ def proxy_process(upstream_port: int, workdir: Path) -> Iterator[tuple[int, list
             yield port, cmd, proc, log
         finally:
             stop(proc)
+
+
+# ---------------------------------------------------------------------------------------------- peers
+
+#: The proxies a user would otherwise put in front of Redis (``--peers``), run on the same loopback Redis.
+PEERS = ("haproxy", "twemproxy")
+#: Debian package and binary of each peer.
+PEER_PACKAGES = {"haproxy": "haproxy", "twemproxy": "nutcracker"}
+PEER_BINARIES = {"haproxy": "haproxy", "twemproxy": "nutcracker"}
+LABELS = {"direct": "direct", "proxy": "brokerproxy", "haproxy": "HAProxy", "twemproxy": "twemproxy"}
+#: HAProxy threads: one, like the single brokerproxy process it is compared with (HAProxy's default is one per
+#: core; on the 2-core machine Redis and redis-benchmark already use the other core).
+HAPROXY_THREADS = 1
+#: HAProxy needs about two descriptors per connection and refuses to start if it cannot raise its limit that far.
+HAPROXY_MAXCONN = 4096
+INSTALL_TIMEOUT_S = 600.0
+
+HAPROXY_CONFIG = """\
+global
+    maxconn {maxconn}
+    nbthread {threads}
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+listen redis
+    bind 127.0.0.1:{port}
+    server redis 127.0.0.1:{upstream_port}
+"""
+
+# twemproxy's usual Redis pool: one server, every client multiplexed onto one upstream connection.
+TWEMPROXY_CONFIG = """\
+bench:
+  listen: 127.0.0.1:{port}
+  hash: fnv1a_64
+  distribution: ketama
+  redis: true
+  auto_eject_hosts: false
+  server_connections: 1
+  servers:
+   - 127.0.0.1:{upstream_port}:1
+"""
+
+
+def find_peer(name: str, install: bool) -> tuple[str | None, str]:
+    """The peer's binary, or None and why not. With ``install``, a missing peer is installed with ``apt-get install``
+    (after ``apt-get update`` if the first attempt fails)."""
+    package, binary = PEER_PACKAGES[name], PEER_BINARIES[name]
+    found = find_binary(binary)
+    if found:
+        return found, ""
+    if not install:
+        return None, f"not installed (apt-get install {package}; or pass --install-peers)"
+    if shutil.which("apt-get") is None:
+        return None, f"not installed, and no apt-get to install {package} with"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    why = ""
+    for attempt in (["apt-get", "install", "-y", "--no-install-recommends", package], ["apt-get", "update"],
+                    ["apt-get", "install", "-y", "--no-install-recommends", package]):
+        _log(f"{name}: {shlex.join(attempt)}")
+        try:
+            done = subprocess.run(attempt, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, env=env,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, f"not available: {shlex.join(attempt)} failed ({exc})"
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        found = find_binary(binary)
+        if found:
+            return found, ""
+    return None, f"not available: apt-get install {package} failed ({why})"
+
+
+def peer_version(name: str, binary: str) -> str:
+    if name == "haproxy":
+        return _first_line([binary, "-v"])
+    try:  # nutcracker prints its version on stderr
+        done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (done.stdout + done.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+@contextmanager
+def peer_process(
+    name: str, binary: str, upstream_port: int, workdir: Path
+) -> Iterator[tuple[int, list[str], subprocess.Popen[bytes], str]]:
+    """Start a peer proxy in front of ``upstream_port``: (port, command, process, its config file's text)."""
+    port = free_port()
+    log = workdir / f"{name}.log"
+    if name == "haproxy":
+        config = HAPROXY_CONFIG.format(
+            maxconn=HAPROXY_MAXCONN, threads=HAPROXY_THREADS, port=port, upstream_port=upstream_port
+        )
+        path = workdir / "haproxy.cfg"
+        cmd = [binary, "-f", str(path), "-db"]
+    elif name == "twemproxy":
+        config = TWEMPROXY_CONFIG.format(port=port, upstream_port=upstream_port)
+        path = workdir / "nutcracker.yml"
+        # Its statistics port defaults to 22222: give it a free one, on loopback.
+        cmd = [binary, "-c", str(path), "-o", str(log), "-s", str(free_port()), "-a", "127.0.0.1",
+               "-p", str(workdir / "nutcracker.pid")]
+    else:
+        raise ValueError(name)
+    path.write_text(config)
+    with open(workdir / f"{name}.out", "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+        try:
+            try:
+                wait_for_port(port, proc, name)
+            except BenchError as exc:
+                raise BenchError(f"{exc}\n{tail(workdir / f'{name}.out')}\n{tail(log)}") from None
+            yield port, cmd, proc, config
+        finally:
+            stop(proc, timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------- redis-benchmark
@@ -270,8 +402,21 @@ def spread(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (size, pipeline, test): per-path medians and spread, paired proxy/direct ratios."""
+def _paired_ratio(base: Sequence[float], other: Sequence[float]) -> dict[str, float | None]:
+    paired = [b / a for a, b in zip(base, other, strict=True) if a]
+    return {
+        "paired_median": statistics.median(paired) if paired else None,
+        "paired_min": min(paired) if paired else None,
+        "paired_max": max(paired) if paired else None,
+        "of_medians": statistics.median(other) / statistics.median(base) if statistics.median(base) else None,
+    }
+
+
+def summarize(runs: list[dict[str, Any]], target: str = "proxy") -> list[dict[str, Any]]:
+    """One entry per (size, pipeline, test): per-path medians and spread, paired target/direct ratios.
+
+    For a peer (``target`` "haproxy" or "twemproxy") each entry also holds ``proxy_vs_peer``: brokerproxy's rps
+    over the peer's, paired per repeat."""
     out = []
     for size in SIZES:
         for pipeline in PIPELINES:
@@ -280,25 +425,21 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 for run in runs:
                     if run["size"] == size and run["pipeline"] == pipeline:
                         by_repeat.setdefault(run["repeat"], {})[run["target"]] = run["results"][test]
-                pairs = [r for _, r in sorted(by_repeat.items()) if set(r) == set(TARGETS)]
+                pairs = [r for _, r in sorted(by_repeat.items()) if {"direct", target} <= set(r)]
                 if not pairs:
                     continue
                 entry: dict[str, Any] = {"size": size, "pipeline": pipeline, "test": test, "repeats": len(pairs)}
                 for metric in METRICS:
                     direct = [p["direct"][metric] for p in pairs]
-                    proxy = [p["proxy"][metric] for p in pairs]
-                    paired = [b / a for a, b in zip(direct, proxy, strict=True) if a]
-                    entry[metric] = {
-                        "direct": spread(direct),
-                        "proxy": spread(proxy),
-                        "ratio": {
-                            "paired_median": statistics.median(paired) if paired else None,
-                            "paired_min": min(paired) if paired else None,
-                            "paired_max": max(paired) if paired else None,
-                            "of_medians": statistics.median(proxy) / statistics.median(direct)
-                            if statistics.median(direct) else None,
-                        },
-                    }
+                    other = [p[target][metric] for p in pairs]
+                    entry[metric] = {"direct": spread(direct), target: spread(other),
+                                     "ratio": _paired_ratio(direct, other)}
+                if target != "proxy":
+                    both = [p for p in pairs if "proxy" in p]
+                    if both:
+                        entry["proxy_vs_peer"] = _paired_ratio(
+                            [p[target]["rps"] for p in both], [p["proxy"]["rps"] for p in both]
+                        )
                 out.append(entry)
     return out
 
@@ -353,6 +494,75 @@ def full_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def peers_table(report: dict[str, Any], metric: str = "rps") -> str:
+    """Ratio to direct Redis of brokerproxy and each peer, side by side, and brokerproxy over each peer (rps)."""
+    peers = [name for name, info in report["peers"].items() if info["available"]]
+    asked = list(report["peers"])
+    head = "| -d, -P | test | brokerproxy | " + " | ".join(LABELS[p] for p in asked) + " |"
+    if metric == "rps":
+        head += "".join(f" brokerproxy ÷ {LABELS[p]} |" for p in asked)
+    ncols = 3 + len(asked) * (2 if metric == "rps" else 1)
+    lines = [head, "|---|---|" + "---|" * (ncols - 2)]
+    proxy = {(e["size"], e["pipeline"], e["test"]): e for e in report["summary"]}
+    by_peer = {p: {(e["size"], e["pipeline"], e["test"]): e for e in report["peer_summary"].get(p, [])}
+               for p in peers}
+    for size in SIZES:
+        for pipeline in PIPELINES:
+            for test in TESTS:
+                key = (size, pipeline, test)
+                if key not in proxy:
+                    continue
+                cells = [_ratio(proxy[key][metric]["ratio"])]
+                versus = []
+                for p in asked:
+                    e = by_peer.get(p, {}).get(key)
+                    cells.append(_ratio(e[metric]["ratio"]) if e else "n/a")
+                    versus.append(_ratio(e["proxy_vs_peer"]) if e and "proxy_vs_peer" in e else "n/a")
+                row = f"| -d {size} -P {pipeline} | {test} | " + " | ".join(cells) + " |"
+                if metric == "rps":
+                    row += "".join(f" {v} |" for v in versus)
+                lines.append(row)
+    return "\n".join(lines)
+
+
+def peers_section(report: dict[str, Any]) -> str:
+    if not report["peers"]:
+        return ""
+    about = []
+    for name, info in report["peers"].items():
+        if info["available"]:
+            about.append(f"- **{LABELS[name]}** ({info['version']}): `{info['command']}` with\n\n"
+                         f"```\n{info['config'].rstrip()}\n```")
+        else:
+            about.append(f"- **{LABELS[name]}**: {info['reason']}")
+    return f"""
+## Peers: brokerproxy, HAProxy and twemproxy on the same runs
+
+The same redis-benchmark commands, against the same Redis, through each peer; per repeat and configuration the
+targets run in the order {", ".join(LABELS[t] for t in report["config"]["targets"])}, and every ratio is over the
+direct run of the same repeat (median over repeats, min-max in brackets). "brokerproxy ÷ peer" is brokerproxy's
+rps over the peer's, per repeat: above 1 brokerproxy is faster.
+
+{(chr(10) * 2).join(about)}
+
+twemproxy answers `PING` itself (it never reaches Redis) and multiplexes all clients onto one upstream
+connection; it does not support `CONFIG`, so redis-benchmark warns "Could not fetch server CONFIG" (harmless).
+
+### Throughput, ratio to direct Redis
+
+{peers_table(report, "rps")}
+
+### p50 latency, ratio to direct Redis (1.00 = no added latency)
+
+{peers_table(report, "p50_latency_ms")}
+"""
+
+
+def peer_ports(report: dict[str, Any]) -> str:
+    return "".join(f", then through {LABELS[n]} (port {i['port']})" for n, i in report["peers"].items()
+                   if i["available"])
+
+
 def markdown(report: dict[str, Any]) -> str:
     m, c = report["machine"], report["config"]
     cmds = report["commands"]
@@ -387,7 +597,7 @@ with other work. Compare the ratios, not the absolute figures.
 ```
 
 Per repeat, for each line below, first against Redis (port {cmds["direct_port"]}), then through the proxy
-(port {cmds["proxy_port"]}); {c["repeats"]} repeat(s), A B A B:
+(port {cmds["proxy_port"]}){peer_ports(report)}; {c["repeats"]} repeat(s), A B A B:
 
 ```
 {bench_lines}
@@ -404,7 +614,7 @@ proxy/direct per repeat, median (min-max): for rps below 1 means the proxy is sl
 the proxy adds latency.
 
 {full_table(report["summary"])}
-"""
+{peers_section(report)}"""
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -419,7 +629,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"requests per test at -P 1 (default {DEFAULT_REQUESTS}); -P 16 sends {PIPELINED_REQUEST_FACTOR}x that",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"directory for the reports (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--peers", default="",
+        help="comma-separated peers to run on the same Redis next to brokerproxy: haproxy, twemproxy, or 'all' "
+        "(default: none). A peer that is not installed is reported as not available",
+    )
+    p.add_argument(
+        "--install-peers", action="store_true",
+        help="apt-get install a missing peer (Debian packages haproxy, nutcracker) before giving up on it",
+    )
     args = p.parse_args(argv)
+    peers = [x.strip() for x in args.peers.split(",") if x.strip() and x.strip() != "none"]
+    if peers == ["all"]:
+        peers = list(PEERS)
+    unknown = [x for x in peers if x not in PEERS]
+    if unknown:
+        p.error(f"unknown peer(s) {unknown}: choose from {', '.join(PEERS)}")
+    args.peers = list(dict.fromkeys(peers))
     if args.repeats is None:
         args.repeats = QUICK_REPEATS if args.quick else DEFAULT_REPEATS
     if args.requests is None:
@@ -437,8 +663,11 @@ def find_binary(name: str) -> str | None:
     found = shutil.which(name)
     if found:
         return found
-    fallback = f"/usr/bin/{name}"
-    return fallback if os.path.exists(fallback) else None
+    for directory in ("/usr/bin", "/usr/sbin"):
+        fallback = f"{directory}/{name}"
+        if os.path.exists(fallback):
+            return fallback
+    return None
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -464,42 +693,67 @@ def measure(args: argparse.Namespace, redis_bin: str, bench_bin: str) -> dict[st
     loadavg_before = _loadavg()
     machine = machine_info(redis_bin, bench_bin)
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="brokerproxy-bench-") as tmp:
+    peers: dict[str, dict[str, Any]] = {}
+    binaries: dict[str, str] = {}
+    for name in args.peers:
+        binary, why = find_peer(name, args.install_peers)
+        if binary is None:
+            _log(f"{name}: {why}")
+            peers[name] = {"available": False, "reason": why}
+        else:
+            binaries[name] = binary
+    with tempfile.TemporaryDirectory(prefix="brokerproxy-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        with redis_server(redis_bin, workdir) as (redis_port, redis_cmd), proxy_process(
-            redis_port, workdir
-        ) as (proxy_port, proxy_cmd, proxy_proc, proxy_log):
-            ports = {"direct": redis_port, "proxy": proxy_port}
+        redis_port, redis_cmd = stack.enter_context(redis_server(redis_bin, workdir))
+        proxy_port, proxy_cmd, proxy_proc, proxy_log = stack.enter_context(proxy_process(redis_port, workdir))
+        ports = {"direct": redis_port, "proxy": proxy_port}
+        procs = {"proxy": (proxy_proc, proxy_log)}
+        for name, binary in binaries.items():
+            try:
+                port, cmd, proc, config = stack.enter_context(peer_process(name, binary, redis_port, workdir))
+            except BenchError as exc:
+                _log(f"{name} did not start: {exc}")
+                peers[name] = {"available": False, "reason": f"not available: did not start ({exc})"}
+                continue
+            ports[name] = port
+            procs[name] = (proc, workdir / f"{name}.out")
+            peers[name] = {"available": True, "binary": binary, "version": peer_version(name, binary),
+                           "command": shlex.join(cmd), "config": config, "port": port}
+        peers = {name: peers[name] for name in args.peers}
+        targets = [t for t in ("direct", "proxy", *PEERS) if t in ports]
 
-            def check_proxy() -> None:
-                if proxy_proc.poll() is not None:
-                    raise BenchError(f"brokerproxy exited with {proxy_proc.returncode}:\n{tail(proxy_log)}")
+        def check_proxies() -> None:
+            for name, (proc, log) in procs.items():
+                if proc.poll() is not None:
+                    raise BenchError(f"{LABELS[name]} exited with {proc.returncode}:\n{tail(log)}")
 
-            if not args.quick:
-                for target in TARGETS:
-                    run_benchmark(benchmark_command(bench_bin, ports[target], SIZES[0], 1, WARMUP_REQUESTS))
-                check_proxy()
-            for repeat in range(args.repeats):
-                for size in SIZES:
-                    for pipeline in PIPELINES:
-                        for target in TARGETS:
-                            n = requests_for(pipeline, args.requests)
-                            cmd = benchmark_command(bench_bin, ports[target], size, pipeline, n)
-                            results = run_benchmark(cmd)
-                            check_proxy()
-                            runs.append({
-                                "repeat": repeat, "size": size, "pipeline": pipeline, "target": target,
-                                "requests": n, "command": shlex.join(cmd), "results": results,
-                            })
-                            _log(
-                                f"[{repeat + 1}/{args.repeats}] -d {size} -P {pipeline:<2} {target:<6} "
-                                + "  ".join(f"{t} {results[t]['rps']:,.0f}" for t in TESTS)
-                            )
+        if not args.quick:
+            for target in targets:
+                run_benchmark(benchmark_command(bench_bin, ports[target], SIZES[0], 1, WARMUP_REQUESTS))
+            check_proxies()
+        for repeat in range(args.repeats):
+            for size in SIZES:
+                for pipeline in PIPELINES:
+                    for target in targets:
+                        n = requests_for(pipeline, args.requests)
+                        cmd = benchmark_command(bench_bin, ports[target], size, pipeline, n)
+                        results = run_benchmark(cmd)
+                        check_proxies()
+                        runs.append({
+                            "repeat": repeat, "size": size, "pipeline": pipeline, "target": target,
+                            "requests": n, "command": shlex.join(cmd), "results": results,
+                        })
+                        _log(
+                            f"[{repeat + 1}/{args.repeats}] -d {size} -P {pipeline:<2} {target:<9} "
+                            + "  ".join(f"{t} {results[t]['rps']:,.0f}" for t in TESTS)
+                        )
     duration = time.monotonic() - t0
     argv = ["python", "bench/e2e_redis_benchmark.py"]
     if args.quick:
         argv.append("--quick")
     argv += ["--repeats", str(args.repeats), "--requests", str(args.requests)]
+    if args.peers:
+        argv += ["--peers", ",".join(args.peers)]
     return {
         "schema": 1,
         "started_at": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -511,7 +765,8 @@ def measure(args: argparse.Namespace, redis_bin: str, bench_bin: str) -> dict[st
             "quick": args.quick, "repeats": args.repeats, "requests_p1": args.requests,
             "pipelined_request_factor": PIPELINED_REQUEST_FACTOR, "clients": CLIENTS, "sizes": list(SIZES),
             "pipelines": list(PIPELINES), "tests": list(TESTS),
-            "order": "per repeat, size, pipeline: direct then proxy",
+            "order": "per repeat, size, pipeline: " + " then ".join(targets),
+            "targets": targets,
             "warmup_requests": 0 if args.quick else WARMUP_REQUESTS,
         },
         "commands": {
@@ -527,6 +782,8 @@ def measure(args: argparse.Namespace, redis_bin: str, bench_bin: str) -> dict[st
         },
         "runs": runs,
         "summary": summarize(runs),
+        "peers": peers,
+        "peer_summary": {name: summarize(runs, name) for name, info in peers.items() if info["available"]},
     }
 
 
@@ -552,6 +809,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(headline_table(report["summary"]))
     print()
     print(full_table(report["summary"]))
+    if report["peers"]:
+        print()
+        print(peers_table(report))
     _log(f"wrote {args.out / (REPORT_NAME + '.md')} and {args.out / (REPORT_NAME + '.json')}")
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import gc
 import json
 import os
 import signal
@@ -105,6 +106,9 @@ class Stack:
         try:
             for w in self.workers:
                 w.kill()
+            # Celery's AsyncResult.__del__ talks to the result backend: let it run now, while Redis still
+            # answers, rather than at some later garbage collection inside another test.
+            gc.collect()
             for a in self.apps:
                 a.close()
         finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import gc
 import http.client
 import json
 import time
@@ -137,6 +138,7 @@ def celery_stack(
         # The proxy and Redis belong to their fixtures; workers and apps are ours.
         for w in stack.workers:
             w.kill()
+        gc.collect()  # Celery's AsyncResult.__del__ needs the backend: run it while Redis still answers
         for a in stack.apps:
             a.close()
 

@@ -1,0 +1,146 @@
+"""The benchmark suite runs from its one entry point and writes every report. A smoke test: no figure is judged.
+
+``bench/run.py --quick`` runs each benchmark in its tiny configuration into a temp dir; these tests check that each
+report exists and holds the figures it should (present, finite, positive), and that SUMMARY.md has each section.
+Timing on a shared machine proves nothing here, so nothing is compared with anything (DESIGN.md §2, bench/README.md).
+Peers (HAProxy, twemproxy) are used when installed and reported as not available otherwise; this test never
+installs anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = REPO / "bench" / "run.py"
+NAMES = ("hotpath", "latency", "celery_throughput", "connections", "e2e_redis_benchmark")
+
+
+def positive(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("bench-results")
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--no-install", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, check=False, cwd=REPO,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    return out, done
+
+
+def report(out: Path, name: str) -> tuple[str, dict[str, Any]]:
+    md = (out / f"{name}.md").read_text()
+    data = json.loads((out / f"{name}.json").read_text())
+    for heading in ("## Machine", "CPU", "load average"):
+        assert heading in md, (name, heading)
+    assert data["machine"]["cpu_model"] and data["loadavg_before"] and data["loadavg_after"]
+    return md, data
+
+
+def test_every_report_and_the_summary_are_written(suite: tuple[Path, Any]) -> None:
+    out, done = suite
+    for name in NAMES:
+        assert (out / f"{name}.md").exists() and (out / f"{name}.json").exists(), name
+    assert not list(out.glob("*.tmp"))
+    summary = (out / "SUMMARY.md").read_text()
+    assert summary == done.stdout
+    for title in ("Hot path", "Round-trip latency", "Celery throughput", "Connections", "redis-benchmark end to end"):
+        assert f"## {title}" in summary, title
+    assert "**failed**" not in summary
+    assert "Machine:" in summary
+
+
+def test_hotpath(suite: tuple[Path, Any]) -> None:
+    md, data = report(suite[0], "hotpath")
+    workloads = {e["workload"]: e for e in data["capture"] + data["synthetic"]}
+    expected = {"capture per-frame", "capture 64k"} | {
+        f"{c} {s} P{d}" for c in ("LPUSH", "BRPOP", "SET", "GET") for s in ("100 B", "1 KiB", "16 KiB", "64 KiB")
+        for d in (1, 16)
+    }
+    assert set(workloads) == expected
+    for name, e in workloads.items():
+        for parser in ("pure", "hiredis"):
+            assert positive(e["ns_per_command"][parser]["median"]), (name, parser)
+            assert positive(e["commands_per_s"][parser]), (name, parser)
+        assert positive(e["hiredis_speedup"]), name
+        assert re.search(rf"^\| {re.escape(name)} \| [\d,]+", md, re.MULTILINE), name
+    assert workloads["capture per-frame"]["commands_per_iteration"] == 3861  # the capture's README
+    # --profile (run.py passes it): a top-20 table per profiled workload.
+    assert len(data["profiles"]) >= 1
+    for prof in data["profiles"]:
+        assert 0 < len(prof["top"]) <= 20
+        assert f"## Profile: {prof['workload']}" in md
+
+
+def test_latency(suite: tuple[Path, Any]) -> None:
+    md, data = report(suite[0], "latency")
+    by = {(e["command"], e["target"]): e for e in data["summary"]}
+    for cmd in ("PING", "GET 512 B"):
+        e = by[cmd, "proxy"]
+        for metric in ("p50_us", "p99_us"):
+            assert positive(e[metric]["direct"]["median"]) and positive(e[metric]["proxy"]["median"])
+            assert math.isfinite(e[metric]["added_us"]["median"])
+        assert re.search(rf"^\| {cmd} \| brokerproxy \| p50 \| [\d.]+ \| [\d.]+ \| \*\*[+-][\d.]+\*\*", md, re.M)
+    for peer, info in data["peers"].items():
+        if info["available"]:
+            assert (("PING", peer) in by) and (("GET 512 B", peer) in by)
+        else:
+            assert "not" in info["reason"]
+
+
+def test_celery_throughput(suite: tuple[Path, Any]) -> None:
+    md, data = report(suite[0], "celery_throughput")
+    for kind in ("publish", "end_to_end"):
+        s = data["summary"][kind]
+        assert s["repeats"] >= 1
+        assert positive(s["direct"]["median"]) and positive(s["proxy"]["median"])
+        assert positive(s["ratio"]["paired_median"])
+    assert re.search(r"^\| publish-only .*\*\*\d+\.\d\d\*\*", md, re.M)
+    assert re.search(r"^\| end-to-end .*\*\*\d+\.\d\d\*\*", md, re.M)
+
+
+def test_connections(suite: tuple[Path, Any]) -> None:
+    md, data = report(suite[0], "connections")
+    assert len(data["idle"]) == 2
+    for e in data["idle"]:
+        assert e["connections"] >= 1
+        assert math.isfinite(e["proxy_kib_per_connection"])
+        assert e["redis_connected_clients"] >= e["connections"]  # every client had its upstream connection
+        assert e["proxy_fds_after"] >= 2 * e["connections"]
+    for run in data["burst_runs"]:
+        assert run["answered"] + run["failed"] + run["unanswered"] == run["connections"]
+        assert positive(run["answered_p50_s"])
+    s = data["burst_summary"]["answered_p50_s"]
+    assert positive(s["direct"]["median"]) and positive(s["proxy"]["median"])
+    assert positive(s["ratio"]["paired_median"])
+    assert "## Idle connections" in md and "## Burst" in md
+
+
+def test_e2e_with_peers(suite: tuple[Path, Any]) -> None:
+    md, data = report(suite[0], "e2e_redis_benchmark")
+    assert len(data["summary"]) == 2 * 2 * 5
+    for e in data["summary"]:
+        assert positive(e["rps"]["ratio"]["paired_median"])
+    assert set(data["peers"]) == {"haproxy", "twemproxy"}
+    for peer, info in data["peers"].items():
+        if info["available"]:
+            rows = data["peer_summary"][peer]
+            assert len(rows) == 2 * 2 * 5
+            for e in rows:
+                assert positive(e["rps"]["ratio"]["paired_median"]) and positive(e["proxy_vs_peer"]["paired_median"])
+        else:
+            assert info["reason"].startswith("not"), info
+            assert peer not in data["peer_summary"]
+    assert "## Peers" in md
+    assert re.search(r"^\| -d 512 -P 1 \| SET \| \*\*\d+\.\d\d\*\*", md, re.M)
