@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 from . import resp
 from .acl import WORDING, AclError, UserTable, parse_acl_file
 from .acl import User as AclUser
+from .acl_roles import RoleError, expand, role_user
 from .errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:6380"
@@ -107,10 +108,24 @@ class Acl:
     rules: tuple[str, ...] = ()
     #: Which Redis's wording NOPERM replies use: "7.2" (Redis 7.2 and later) or "7.0".
     wording: str = "7.2"
+    #: ``[[acl.roles]]``: users given a Celery role (acl_roles.expand), with its Lua script allowlist.
+    roles: tuple[RoleUser, ...] = ()
 
     @property
     def configured(self) -> bool:
-        return self.file is not None or bool(self.rules)
+        return self.file is not None or bool(self.rules) or bool(self.roles)
+
+
+@dataclass(frozen=True)
+class RoleUser:
+    name: str
+    role: str  # e.g. "worker(default, high*)" or "producer(default) + result_reader"
+    passwords: tuple[str, ...] = field(default=(), repr=False)
+    password_sha256: tuple[str, ...] = ()
+    key_prefix: str = ""  # kombu's global_keyprefix
+    result_key_prefix: str | None = None  # the result backend's, when it differs
+    db: int = 0
+    control: bool = False  # producer: may use celery inspect / control
 
 
 #: Seconds between the side connection's PING (for /readyz and brokerproxy_upstream_up) and LLEN of the queues seen.
@@ -308,7 +323,7 @@ def _acl(raw: Any, config_path: str | None) -> Acl:
     if not isinstance(raw, dict):
         raise ConfigError("acl", "expected a table")
     for key in raw:
-        if key not in ("file", "rules", "wording"):
+        if key not in ("file", "rules", "wording", "roles"):
             raise ConfigError(f"acl.{key}", "unknown key")
     file = raw.get("file")
     if file is not None:
@@ -319,7 +334,39 @@ def _acl(raw: Any, config_path: str | None) -> Acl:
     wording = raw.get("wording", "7.2")
     if wording not in WORDING:
         raise ConfigError("acl.wording", f"expected one of {', '.join(WORDING)}, got {wording!r}")
-    return Acl(file, tuple(_str_list("acl.rules", raw.get("rules", []))), wording)
+    roles = raw.get("roles", [])
+    if not isinstance(roles, list):
+        raise ConfigError("acl.roles", "expected an array of tables ([[acl.roles]])")
+    role_users = []
+    allowed = {"name", "role", "passwords", "password_sha256", "key_prefix", "result_key_prefix", "db", "control"}
+    for i, entry in enumerate(roles):
+        key = f"acl.roles[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(key, "expected a table with name, role and passwords")
+        for k in entry:
+            if k not in allowed:
+                raise ConfigError(f"{key}.{k}", "unknown key")
+        name, role = entry.get("name"), entry.get("role")
+        if not isinstance(name, str) or not name or " " in name:
+            raise ConfigError(f"{key}.name", "expected a non-empty name without spaces")
+        if not isinstance(role, str):
+            raise ConfigError(f"{key}.role", "expected a role such as \"worker(default)\"")
+        passwords = tuple(_str_list(f"{key}.passwords", entry.get("passwords", [])))
+        hashes = tuple(_str_list(f"{key}.password_sha256", entry.get("password_sha256", [])))
+        if not passwords and not hashes:
+            raise ConfigError(f"{key}.passwords", f"user {name!r} has no password")
+        db = entry.get("db", 0)
+        if not isinstance(db, int) or db < 0:
+            raise ConfigError(f"{key}.db", "expected a database number")
+        result_prefix = entry.get("result_key_prefix")
+        role_users.append(
+            RoleUser(
+                name, role, passwords, hashes, str(entry.get("key_prefix", "")),
+                None if result_prefix is None else str(result_prefix), db,
+                _bool(f"{key}.control", entry.get("control", False)),
+            )
+        )  # fmt: skip
+    return Acl(file, tuple(_str_list("acl.rules", raw.get("rules", []))), wording, tuple(role_users))
 
 
 def load_acl_users(cfg: Acl, users: tuple[User, ...] = ()) -> tuple[AclUser, ...]:
@@ -344,6 +391,19 @@ def load_acl_users(cfg: Acl, users: tuple[User, ...] = ()) -> tuple[AclUser, ...
             if name in out:
                 raise ConfigError(key, f"user {name!r} is defined twice in [acl]")
             out[name] = parsed[name]
+    for i, ru in enumerate(cfg.roles):
+        key = f"acl.roles[{i}]"
+        if ru.name in out:
+            raise ConfigError(f"{key}.name", f"user {ru.name!r} is defined twice in [acl]")
+        try:
+            role = expand(
+                ru.role, keyprefix=ru.key_prefix, result_keyprefix=ru.result_key_prefix, db=ru.db, control=ru.control
+            )
+            out[ru.name] = role_user(
+                ru.name, role, passwords=ru.passwords, password_sha256=ru.password_sha256
+            ).freeze()
+        except (RoleError, AclError) as exc:
+            raise ConfigError(f"{key}.role", str(exc)) from None
     for u in users:
         if u.name in out:
             raise ConfigError("users", f"user {u.name!r} is defined both in [[users]] and in [acl]")

@@ -102,3 +102,44 @@ def test_sighup_reloads_rules_and_closes_removed_users(acl_proxy: ProxyProcess, 
         time.sleep(0.05)
     assert w.get("celery-x") == b"1"
     assert "users.acl:1" in acl_proxy.logs()
+
+
+ROLES = """
+[acl]
+rules = ["user default off"]
+
+[[acl.roles]]
+name = "worker"
+role = "worker(default)"
+passwords = ["w"]
+
+[[acl.roles]]
+name = "producer"
+role = "producer(default) + result_reader"
+passwords = ["p"]
+
+[[acl.roles]]
+name = "flower"
+role = "monitor"
+passwords = ["f"]
+"""
+
+
+def test_celery_roles_from_the_config(redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess]) -> None:
+    """[[acl.roles]]: a producer can publish but not consume, a worker cannot FLUSHALL, a monitor cannot publish;
+    EVALSHA only for the listed scripts."""
+    p = start_proxy(redis_server.url(), config=ROLES)
+    producer, worker, flower = client(p, "producer", "p"), client(p, "worker", "w"), client(p, "flower", "f")
+    assert producer.lpush("default", "task") == 1
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        producer.brpop(["default"], timeout=1)
+    assert tuple(worker.brpop(["default"], timeout=1)) == (b"default", b"task")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.flushall()
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.set("not-a-celery-key", "x")
+    assert flower.llen("default") == 0
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        flower.publish("/0.celeryev/worker.heartbeat", "x")
+    with pytest.raises(redis.exceptions.NoPermissionError, match="script"):
+        worker.evalsha("0" * 40, 0)
