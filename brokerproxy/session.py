@@ -210,10 +210,12 @@ class Session:
         self.client_info = client_info  # for ACL LOG entries: "addr=… laddr=…"
         self._probe = resp.Request([b""], b"")
         self._auth_command = b"AUTH"  # reused for the policy check on the fast path
-        # Requests the fast path must leave to the exact one: the observer reads some requests and replies.
-        self._not_fast = _NOT_FAST | (observer.WATCH_REQUESTS | observer.WATCH_REPLIES if observer else frozenset())
+        # Requests the fast path must leave to the exact one: those whose replies the observer reads. Those it
+        # reads only the request of (SET, PUBLISH…) the fast path hands it itself.
         self._watch_requests = observer.WATCH_REQUESTS if observer else frozenset()
         self._watch_replies = observer.WATCH_REPLIES if observer else frozenset()
+        self._not_fast = _NOT_FAST | self._watch_replies
+        self._watch_inline = self._watch_requests - self._not_fast
         self._timed = 0.0  # when the first request of a batch sent on an idle connection was read (metrics)
         self._timed_name = ""
         self._requests = resp.request_parser(limits)
@@ -355,6 +357,8 @@ class Session:
         policy = self._policy
         probe = self._probe
         user = self.user
+        watch_inline = self._watch_inline
+        watched: list[list[bytes]] = []
         try:
             while (args := reader.gets()) is not False:
                 if type(args) is not list or not args or type(args[0]) is not bytes:
@@ -367,14 +371,20 @@ class Session:
                     probe.name = name
                     if policy.check(user, probe) is not None:
                         break  # refused: the exact path answers it
+                if name in watch_inline:
+                    watched.append(args)
                 names.append(name)
             else:
                 if resp.at_frame_boundary(reader):
                     self._out_upstream += data
                     slots = self._slots
-                    if self._observer is not None and not slots and names:
-                        self._timed = self._clock()
-                        self._timed_name = names[0]
+                    observer = self._observer
+                    if observer is not None:
+                        if not slots and names:
+                            self._timed = self._clock()
+                            self._timed_name = names[0]
+                        for args in watched:
+                            observer.on_request(args, self._in_multi)
                     append = slots.append
                     for name in names:
                         append(_plain_slot(name))
