@@ -162,6 +162,8 @@ class _Slot:
 _NOT_PLAIN = POPS.keys() | BLOCKING
 #: Commands the fast path hands to the exact path: the above, and every command with a handler.
 _NO_EVENTS: list[Event] = []
+#: Watched commands whose reply is a plain integer (a push's new length): the fast paths can observe them.
+_INT_REPLY_WATCHED = frozenset({"lpush", "rpush", "lpushx", "rpushx"})
 #: Reads of replies longer than this skip the hiredis fast path: decoding a large value costs more than framing it.
 _FAST_REPLY_MAX = 16 * 1024
 _ReplyError = resp.ReplyErrorType
@@ -214,7 +216,9 @@ class Session:
         # reads only the request of (SET, PUBLISH…) the fast path hands it itself.
         self._watch_requests = observer.WATCH_REQUESTS if observer else frozenset()
         self._watch_replies = observer.WATCH_REPLIES if observer else frozenset()
-        self._not_fast = _NOT_FAST | self._watch_replies
+        # Pushes: the observer reads their request and their integer reply; the fast paths hand it both.
+        self._fast_observed = self._watch_replies & _INT_REPLY_WATCHED
+        self._not_fast = _NOT_FAST | (self._watch_replies - self._fast_observed)
         self._watch_inline = self._watch_requests - self._not_fast
         self._timed = 0.0  # when the first request of a batch sent on an idle connection was read (metrics)
         self._timed_name = ""
@@ -359,6 +363,8 @@ class Session:
         user = self.user
         watch_inline = self._watch_inline
         watched: list[list[bytes]] = []
+        fast_observed = self._fast_observed
+        observed: dict[int, list[bytes]] = {}  # index in names -> args, for pushes whose reply is observed
         try:
             while (args := reader.gets()) is not False:
                 if type(args) is not list or not args or type(args[0]) is not bytes:
@@ -373,6 +379,8 @@ class Session:
                         break  # refused: the exact path answers it
                 if name in watch_inline:
                     watched.append(args)
+                    if name in fast_observed:
+                        observed[len(names)] = args
                 names.append(name)
             else:
                 if resp.at_frame_boundary(reader):
@@ -386,8 +394,16 @@ class Session:
                         for args in watched:
                             observer.on_request(args, self._in_multi)
                     append = slots.append
-                    for name in names:
-                        append(_plain_slot(name))
+                    if observed:
+                        for i, name in enumerate(names):
+                            args = observed.get(i)
+                            if args is None:
+                                append(_plain_slot(name))
+                            else:
+                                append(_Slot(_FORWARD, request=resp.Request(args, b"")))
+                    else:
+                        for name in names:
+                            append(_plain_slot(name))
                     return True
         except _FastParseError:
             pass
@@ -749,10 +765,18 @@ class Session:
         try:
             it = iter(slots)
             errors: list[str] = []
+            pushes: list[tuple[list[bytes], int]] = []
+            fast_observed = self._fast_observed
             while (reply := reader.gets()) is not False:
                 slot = next(it, None)
-                if slot is None or not slot.plain or type(reply) is _PushNotification:
+                if slot is None or type(reply) is _PushNotification:
                     break
+                if not slot.plain:
+                    req = slot.request
+                    # A push whose integer reply the observer reads (the queue's new length).
+                    if slot.hook or req is None or req.name not in fast_observed or type(reply) is not int:
+                        break
+                    pushes.append((req.args, reply))
                 if type(reply) is _ReplyError:
                     errors.append(slot.name)
                 count += 1
@@ -773,6 +797,8 @@ class Session:
                             observer.command(name, "error")
                             key = _plain_slot(name).ok_key
                             commands[key] -= 1
+                        for args, length in pushes:
+                            observer.on_reply(args, b":%d\r\n" % length)
                     self._out_client += data
                     if slots and slots[0].kind == _LOCAL:
                         self._flush_local()
