@@ -155,6 +155,7 @@ def proxy_process(
     *,
     preexec_fn: Callable[[], None] | None = None,
     log_name: str = "brokerproxy.log",
+    config: Path | None = None,
 ) -> Iterator[tuple[int, list[str], subprocess.Popen[bytes], Path]]:
     port = free_port()
     log = workdir / log_name
@@ -162,6 +163,8 @@ def proxy_process(
         sys.executable, "-m", "brokerproxy",
         "--listen", f"127.0.0.1:{port}", "--upstream", f"redis://127.0.0.1:{upstream_port}/0",
     ]
+    if config is not None:
+        cmd += ["--config", str(config)]
     # Measure this checkout's code, whether or not it is the one installed in the environment.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     with open(log, "wb") as log_file:
@@ -635,6 +638,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(default: none). A peer that is not installed is reported as not available",
     )
     p.add_argument(
+        "--proxy-config", type=Path,
+        help="a brokerproxy config file for the proxy under test (e.g. metrics and an ACL on); the report is then "
+        "named e2e_redis_benchmark-<config file stem>",
+    )
+    p.add_argument(
         "--install-peers", action="store_true",
         help="apt-get install a missing peer (Debian packages haproxy, nutcracker) before giving up on it",
     )
@@ -705,7 +713,9 @@ def measure(args: argparse.Namespace, redis_bin: str, bench_bin: str) -> dict[st
     with tempfile.TemporaryDirectory(prefix="brokerproxy-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         redis_port, redis_cmd = stack.enter_context(redis_server(redis_bin, workdir))
-        proxy_port, proxy_cmd, proxy_proc, proxy_log = stack.enter_context(proxy_process(redis_port, workdir))
+        proxy_port, proxy_cmd, proxy_proc, proxy_log = stack.enter_context(
+            proxy_process(redis_port, workdir, config=args.proxy_config)
+        )
         ports = {"direct": redis_port, "proxy": proxy_port}
         procs = {"proxy": (proxy_proc, proxy_log)}
         for name, binary in binaries.items():
@@ -804,15 +814,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
-    write_atomic(args.out / f"{REPORT_NAME}.json", json.dumps(report, indent=1) + "\n")
-    write_atomic(args.out / f"{REPORT_NAME}.md", text)
+    name = REPORT_NAME if args.proxy_config is None else f"{REPORT_NAME}-{args.proxy_config.stem}"
+    write_atomic(args.out / f"{name}.json", json.dumps(report, indent=1) + "\n")
+    write_atomic(args.out / f"{name}.md", text)
     print(headline_table(report["summary"]))
     print()
     print(full_table(report["summary"]))
     if report["peers"]:
         print()
         print(peers_table(report))
-    _log(f"wrote {args.out / (REPORT_NAME + '.md')} and {args.out / (REPORT_NAME + '.json')}")
+    _log(f"wrote {args.out / (name + '.md')} and {args.out / (name + '.json')}")
     return 0
 
 
