@@ -37,6 +37,13 @@ MAX_WRITE_BUFFER_HIGH_WATER = 2**31 - 1
 #: drops connections in a burst of thousands (measured: 5 000 at once).
 DEFAULT_BACKLOG = 511
 
+#: Seconds a connection may stay unauthenticated (when authentication is required) before it is closed.
+DEFAULT_AUTH_TIMEOUT = 10.0
+#: Failed authentications from one peer address slow it down: each further attempt waits
+#: min(AUTH_BACKOFF_BASE * 2**(failures-1), AUTH_BACKOFF_MAX) seconds before it is read.
+AUTH_BACKOFF_BASE = 0.05
+AUTH_BACKOFF_MAX = 2.0
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_PREFIX = "BROKERPROXY_"
 
@@ -155,6 +162,7 @@ class Config:
     users: tuple[User, ...] = ()
     metrics_listen: Address | None = None
     backlog: int = DEFAULT_BACKLOG
+    auth_timeout: float = DEFAULT_AUTH_TIMEOUT
     metrics: Metrics = Metrics()
     acl: Acl = Acl()
     #: The parsed users of [acl] and [[users]] (validated at load; re-read by ``acl_users()`` on reload).
@@ -270,6 +278,7 @@ SCALARS: dict[str, Any] = {
     "write_buffer_high_water": _bounded_int(MAX_WRITE_BUFFER_HIGH_WATER),
     "metrics_listen": parse_address,
     "backlog": _positive(int),
+    "auth_timeout": _positive(float),
 }
 METRICS_KEYS = {
     "max_queues": _positive(int),
@@ -293,7 +302,7 @@ def _users(raw: Any) -> tuple[User, ...]:
         key = f"users[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(key, "expected a table with name and passwords")
-        unknown = set(entry) - {"name", "passwords", "password_sha256", "enabled"}
+        unknown = set(entry) - {"name", "passwords", "password_sha256", "enabled", "password_file", "password_env"}
         if unknown:
             raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown key")
         name = entry.get("name")
@@ -303,7 +312,7 @@ def _users(raw: Any) -> tuple[User, ...]:
             raise ConfigError(f"{key}.name", f"user {name!r} is defined twice")
         seen.add(name)
         hashes: list[bytes] = []
-        for pw in _str_list(f"{key}.passwords", entry.get("passwords", [])):
+        for pw in _str_list(f"{key}.passwords", entry.get("passwords", [])) + _secrets(key, entry):
             hashes.append(hashlib.sha256(pw.encode()).digest())
         for hx in _str_list(f"{key}.password_sha256", entry.get("password_sha256", [])):
             try:
@@ -338,7 +347,10 @@ def _acl(raw: Any, config_path: str | None) -> Acl:
     if not isinstance(roles, list):
         raise ConfigError("acl.roles", "expected an array of tables ([[acl.roles]])")
     role_users = []
-    allowed = {"name", "role", "passwords", "password_sha256", "key_prefix", "result_key_prefix", "db", "control"}
+    allowed = {
+        "name", "role", "passwords", "password_sha256", "key_prefix", "result_key_prefix", "db", "control",
+        "password_file", "password_env",
+    }  # fmt: skip
     for i, entry in enumerate(roles):
         key = f"acl.roles[{i}]"
         if not isinstance(entry, dict):
@@ -351,7 +363,7 @@ def _acl(raw: Any, config_path: str | None) -> Acl:
             raise ConfigError(f"{key}.name", "expected a non-empty name without spaces")
         if not isinstance(role, str):
             raise ConfigError(f"{key}.role", "expected a role such as \"worker(default)\"")
-        passwords = tuple(_str_list(f"{key}.passwords", entry.get("passwords", [])))
+        passwords = tuple(_str_list(f"{key}.passwords", entry.get("passwords", [])) + _secrets(key, entry))
         hashes = tuple(_str_list(f"{key}.password_sha256", entry.get("password_sha256", [])))
         if not passwords and not hashes:
             raise ConfigError(f"{key}.passwords", f"user {name!r} has no password")
@@ -418,6 +430,33 @@ def _defined_names(text: bytes) -> list[str]:
         if len(parts) >= 2 and parts[0] == b"user":
             names.append(parts[1].decode("utf-8", "surrogateescape"))
     return names
+
+
+def _secrets(key: str, entry: dict[str, Any]) -> list[str]:
+    """Passwords a secret manager supplies: ``password_file`` (a file holding one password, a trailing newline
+    ignored) and ``password_env`` (the name of an environment variable)."""
+    out: list[str] = []
+    path = entry.get("password_file")
+    if path is not None:
+        if not isinstance(path, str):
+            raise ConfigError(f"{key}.password_file", "expected a path")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                secret = fh.read().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{key}.password_file", f"cannot read {path}: {exc.strerror}") from None
+        if not secret:
+            raise ConfigError(f"{key}.password_file", f"{path} is empty")
+        out.append(secret)
+    var = entry.get("password_env")
+    if var is not None:
+        if not isinstance(var, str):
+            raise ConfigError(f"{key}.password_env", "expected an environment variable name")
+        secret = os.environ.get(var, "")
+        if not secret:
+            raise ConfigError(f"{key}.password_env", f"environment variable {var} is not set or empty")
+        out.append(secret)
+    return out
 
 
 def _str_list(key: str, value: Any) -> list[str]:

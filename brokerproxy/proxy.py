@@ -68,8 +68,11 @@ class ClientConnection(asyncio.Protocol):
         self._unblock_sent = False
         self.upstream_done = asyncio.Event()  # set when the upstream connection has closed
         self._close_timer: asyncio.TimerHandle | None = None
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self._held: bytearray | None = None  # what the client sent while it backs off
         self._upstream_paused = False
         self.peer = "?"
+        self.peer_host = "?"
 
     # ------------------------------------------------------------------------ client transport callbacks
 
@@ -80,6 +83,7 @@ class ClientConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.server.config.write_buffer_high_water)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer_host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         cfg = self.server.config
         sock = transport.get_extra_info("sockname")
         local = f"{sock[0]}:{sock[1]}" if isinstance(sock, tuple) else str(sock)
@@ -93,9 +97,37 @@ class ClientConnection(asyncio.Protocol):
             client_info=f"addr={self.peer} laddr={local}",
         )
         self.server.connection_opened(self)
+        if self.session.user is None:
+            # Authenticate within auth_timeout, or be closed (a connection that never authenticates holds a slot).
+            loop = asyncio.get_running_loop()
+            self._auth_timer = loop.call_later(cfg.auth_timeout, self._auth_timed_out)
+            delay = self.server.auth_delay(self.peer_host)
+            if delay > 0:  # this address failed to authenticate lately: it waits before it is heard
+                self._hold_for(delay)
         self._pump()
 
+    def _hold_for(self, delay: float) -> None:
+        """Keep what the client sends unprocessed for ``delay`` seconds (reading pauses once anything arrives)."""
+        if self._held is None:
+            self._held = bytearray()
+            asyncio.get_running_loop().call_later(delay, self._release)
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        self.resume_client_reading("auth-backoff")
+        if held and not self._left:
+            self.data_received(bytes(held))
+
+    def _auth_timed_out(self) -> None:
+        if self.session.user is None and self.transport is not None and not self._left:
+            log.info("client did not authenticate in time", extra={"peer": self.peer})
+            self.transport.close()
+
     def data_received(self, data: bytes) -> None:
+        if self._held is not None:  # backing off after failed authentications
+            self._held += data
+            self.pause_client_reading("auth-backoff")
+            return
         self.server.observer.bytes_in += len(data)
         if self._upstream_error is not None:
             self._fail_upstream(self._upstream_error)
@@ -113,6 +145,8 @@ class ClientConnection(asyncio.Protocol):
         self._client_closed = True
         if self._close_timer is not None:
             self._close_timer.cancel()
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
         transport = self.transport
         unsent = transport.get_write_buffer_size() if transport is not None else 0
         requeue = self.session.undelivered(unsent) if unsent else []
@@ -296,6 +330,9 @@ class ClientConnection(asyncio.Protocol):
             elif isinstance(event, AuthFailed):
                 self.server.observer.auth_failed()
                 log.info("client auth failed", extra={"peer": self.peer, "user": event.username})
+                delay = self.server.auth_backoff(self.peer_host)
+                if delay > 0:
+                    self._hold_for(delay)  # slow down guessing: hear nothing more from this client for a while
             elif isinstance(event, Denied):
                 log.info(
                     "command denied",

@@ -15,7 +15,7 @@ from . import resp
 from .acl import AclPolicy
 from .acl_log import AclLog
 from .commands import Requeue
-from .config import Config
+from .config import AUTH_BACKOFF_BASE, AUTH_BACKOFF_MAX, Config
 from .endpoints import HTTPEndpoints
 from .errors import ConfigError
 from .metrics import build_registry
@@ -28,7 +28,15 @@ log = logging.getLogger("brokerproxy.server")
 REQUEUE_ATTEMPTS = 6
 #: CLIENT UNBLOCK attempts for a pop left behind by a gone client, and the wait between them.
 UNBLOCK_ATTEMPTS = 20
+#: Peer addresses whose failed authentications are remembered (for the backoff).
+AUTH_FAILURE_PEERS = 10_000
 UNBLOCK_RETRY_SECONDS = 0.25
+
+
+def _backoff(failures: int) -> float:
+    if failures < 2:
+        return 0.0  # one typo costs nothing
+    return float(min(AUTH_BACKOFF_BASE * 2 ** (failures - 2), AUTH_BACKOFF_MAX))
 
 
 class Server:
@@ -45,6 +53,7 @@ class Server:
         self.traffic_observer = self.observer if config.metrics_listen is not None else None
         self.upstream_up = False
         self.reload_failures = 0
+        self._auth_failures: dict[str, tuple[int, float]] = {}  # peer host -> (failures, last failure time)
         self._endpoints: HTTPEndpoints | None = None
         self.draining = False
         self._connections: set[ClientConnection] = set()
@@ -190,6 +199,26 @@ class Server:
             self._endpoints = HTTPEndpoints(build_registry(self.observer), self.ready)
             await self._endpoints.start(maddr.host, maddr.port)
         self.spawn(self._poll_upstream(), "upstream poller")
+
+    def auth_backoff(self, host: str) -> float:
+        """One more failed authentication from ``host``: how long to wait before reading from it again. Bounded, and
+        the table of peers is bounded too (oldest dropped); a success does not reset it, time does."""
+        now = asyncio.get_running_loop().time()
+        failures, last = self._auth_failures.pop(host, (0, now))
+        if now - last > AUTH_BACKOFF_MAX * 30:
+            failures = 0  # quiet for a while: start over
+        failures += 1
+        self._auth_failures[host] = (failures, now)
+        while len(self._auth_failures) > AUTH_FAILURE_PEERS:
+            del self._auth_failures[next(iter(self._auth_failures))]
+        return _backoff(failures)
+
+    def auth_delay(self, host: str) -> float:
+        """How long a new connection from ``host`` waits before it is read, after its recent failures."""
+        failures, last = self._auth_failures.get(host, (0, 0.0))
+        if not failures or asyncio.get_running_loop().time() - last > AUTH_BACKOFF_MAX * 30:
+            return 0.0
+        return _backoff(failures)
 
     def ready(self) -> tuple[bool, str]:
         """/readyz: serving, and the upstream answered the last poll."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -104,3 +105,52 @@ def test_wrong_upstream_password_reported_to_client(
     # redis-py ignores errors to the CLIENT SETINFO it sends first, then sees the connection closed.
     with pytest.raises((redis.ConnectionError, redis.ResponseError)):
         p.client(protocol=2, retry=Retry(NoBackoff(), 0)).ping()
+
+
+def test_unauthenticated_connection_is_closed_after_auth_timeout(
+    redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    import socket
+    import time
+
+    p = start_proxy(redis_server.url(), config="auth_timeout = 0.5\n" + USERS)
+    idle = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+    authed = p.client(username="worker", password="w-secret", protocol=3)
+    assert authed.ping()
+    started = time.monotonic()
+    assert idle.recv(100) == b""  # closed by the proxy, with nothing said
+    assert 0.4 < time.monotonic() - started < 3
+    idle.close()
+    time.sleep(0.3)
+    assert authed.ping() is True  # an authenticated connection is not affected
+
+
+def test_repeated_auth_failures_are_slowed_down(authed_proxy: ProxyProcess) -> None:
+    import time
+
+    def attempt() -> float:
+        started = time.monotonic()
+        out = exchange(authed_proxy.port, b"AUTH worker nope\r\nQUIT\r\n")
+        assert out.startswith(b"-WRONGPASS")
+        return time.monotonic() - started
+
+    first = attempt()
+    times = [attempt() for _ in range(5)]
+    assert first < 0.2
+    assert times[-1] >= 0.4  # 50 ms doubling: the fifth failure in a row waits 0.4 s
+    assert times == sorted(times) or times[-1] > times[0]
+    assert authed_proxy.client(username="worker", password="w-secret").ping()  # the right password still works
+
+
+def test_passwords_from_a_file_and_the_environment(
+    redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    config = (
+        f'[[users]]\nname = "a"\npassword_file = "{secret}"\n'
+        '[[users]]\nname = "b"\npassword_env = "BP_TEST_SECRET"\n'
+    )
+    p = start_proxy(redis_server.url(), config=config, env={"BP_TEST_SECRET": "from-env"})
+    assert p.client(username="a", password="from-file").ping()
+    assert p.client(username="b", password="from-env").ping()

@@ -108,3 +108,15 @@ def test_example_config_is_true_to_the_code() -> None:
         assert f"{key} =" in text, f"{key} is not documented in config.example.toml"
     for key in (*config.LIMIT_KEYS, *config.METRICS_KEYS):
         assert f"{key} =" in text, f"{key} is not documented in config.example.toml"
+
+
+def test_secret_sources_name_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = write(tmp_path, '[[users]]\nname = "a"\npassword_file = "/nonexistent/pw"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(missing)
+    assert err.value.key == "users[0].password_file"
+    monkeypatch.delenv("BP_UNSET_SECRET", raising=False)
+    unset = write(tmp_path, '[[users]]\nname = "a"\npassword_env = "BP_UNSET_SECRET"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(unset)
+    assert err.value.key == "users[0].password_env"
