@@ -124,6 +124,14 @@ class Acl:
 
 
 @dataclass(frozen=True)
+class Audit:
+    """``[audit]``: where the audit trail goes ("" = off, "stderr", or a file path) and which commands it lists."""
+
+    file: str = ""
+    commands: tuple[str, ...] = ("@admin", "@dangerous")
+
+
+@dataclass(frozen=True)
 class RoleUser:
     name: str
     role: str  # e.g. "worker(default, high*)" or "producer(default) + result_reader"
@@ -165,6 +173,7 @@ class Config:
     auth_timeout: float = DEFAULT_AUTH_TIMEOUT
     metrics: Metrics = Metrics()
     acl: Acl = Acl()
+    audit: Audit = Audit()
     #: The parsed users of [acl] and [[users]] (validated at load; re-read by ``acl_users()`` on reload).
     acl_users: tuple[AclUser, ...] = field(default=(), repr=False, compare=False)
 
@@ -432,6 +441,24 @@ def _defined_names(text: bytes) -> list[str]:
     return names
 
 
+def _audit(raw: Any) -> Audit:
+    if not isinstance(raw, dict):
+        raise ConfigError("audit", "expected a table")
+    for key in raw:
+        if key not in ("file", "commands"):
+            raise ConfigError(f"audit.{key}", "unknown key")
+    file = raw.get("file", "")
+    if not isinstance(file, str):
+        raise ConfigError("audit.file", 'expected "stderr", a path, or "" for no audit trail')
+    commands = tuple(_str_list("audit.commands", raw.get("commands", ["@admin", "@dangerous"])))
+    from .audit import audited_commands  # a leaf module; imported here to keep config's imports light
+
+    for item in commands:
+        if not audited_commands([item]):
+            raise ConfigError("audit.commands", f"unknown command or category {item!r}")
+    return Audit(file, commands)
+
+
 def _secrets(key: str, entry: dict[str, Any]) -> list[str]:
     """Passwords a secret manager supplies: ``password_file`` (a file holding one password, a trailing newline
     ignored) and ``password_env`` (the name of an environment variable)."""
@@ -480,7 +507,7 @@ def load(
             raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    known = set(SCALARS) | {"limits", "users", "metrics", "acl"}
+    known = set(SCALARS) | {"limits", "users", "metrics", "acl", "audit"}
     for key in raw:
         if key not in known:
             raise ConfigError(key, "unknown key")
@@ -513,9 +540,12 @@ def load(
     metrics = Metrics(**{k: METRICS_KEYS[k](f"metrics.{k}", v) for k, v in metrics_raw.items()})
 
     acl_cfg = _acl(raw.get("acl", {}), path)
+    audit = _audit(raw.get("audit", {}))
     acl_users = load_acl_users(acl_cfg, users)
 
-    cfg = Config(limits=limits, users=users, metrics=metrics, acl=acl_cfg, acl_users=acl_users, **parsed)
+    cfg = Config(
+        limits=limits, users=users, metrics=metrics, acl=acl_cfg, acl_users=acl_users, audit=audit, **parsed
+    )
     if cfg.protected_mode and not cfg.authenticator().required and not cfg.listen.is_loopback:
         raise ConfigError(
             "protected_mode",

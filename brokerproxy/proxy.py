@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 
 from . import resp
 from .errors import ProtocolError
-from .session import AuthFailed, Close, Denied, OpenUpstream, Session, UpstreamFailed
+from .session import Audited, AuthFailed, Close, Denied, OpenUpstream, Session, UpstreamFailed
 
 if TYPE_CHECKING:
     from .server import Server
@@ -70,6 +70,9 @@ class ClientConnection(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
         self._held: bytearray | None = None  # what the client sent while it backs off
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self.id = 0
         self._upstream_paused = False
         self.peer = "?"
         self.peer_host = "?"
@@ -95,7 +98,14 @@ class ClientConnection(asyncio.Protocol):
             observer=self.server.traffic_observer,
             acl_log=self.server.acl_log,
             client_info=f"addr={self.peer} laddr={local}",
+            audited=self.server.audited,
         )
+        self.id = self.server.next_connection_id()
+        self._opened = asyncio.get_running_loop().time()
+        self._audit_user = self.session.user
+        audit = self.server.audit
+        if audit.enabled:
+            audit.event("connection_opened", self.id, peer=self.peer, listener=local)
         self.server.connection_opened(self)
         if self.session.user is None:
             # Authenticate within auth_timeout, or be closed (a connection that never authenticates holds a slot).
@@ -129,11 +139,16 @@ class ClientConnection(asyncio.Protocol):
             self.pause_client_reading("auth-backoff")
             return
         self.server.observer.bytes_in += len(data)
+        self._bytes_in += len(data)
         if self._upstream_error is not None:
             self._fail_upstream(self._upstream_error)
             return
         self.session.from_client(data)
         self._pump()
+        if self.session.user != self._audit_user:  # authenticated (or re-authenticated, or RESET)
+            self._audit_user = self.session.user
+            if self.server.audit.enabled and self._audit_user is not None:
+                self.server.audit.event("auth", self.id, peer=self.peer, user=self._audit_user, ok=True)
 
     def eof_received(self) -> bool | None:
         # Redis treats a client's EOF as the client gone; so does the proxy, at once: a pop reply that arrives
@@ -153,6 +168,13 @@ class ClientConnection(asyncio.Protocol):
         if requeue:
             self.server.requeue(requeue, "client gone before the reply was sent")
         self._client_left()
+        audit = self.server.audit
+        if audit.enabled:
+            audit.event(
+                "connection_closed", self.id, peer=self.peer, user=self.session.user,
+                duration_s=round(asyncio.get_running_loop().time() - self._opened, 3),
+                bytes_in=self._bytes_in, bytes_out=self._bytes_out,
+            )  # fmt: skip
         if not self._draining_upstream:
             self.server.connection_closed(self)
 
@@ -301,6 +323,7 @@ class ClientConnection(asyncio.Protocol):
         if out:
             transport.write(out)
             self.server.observer.bytes_out += len(out)
+            self._bytes_out += len(out)
             if session.tracking_pops:
                 self._note_delivered()
         up = session.take_upstream()
@@ -330,10 +353,22 @@ class ClientConnection(asyncio.Protocol):
             elif isinstance(event, AuthFailed):
                 self.server.observer.auth_failed()
                 log.info("client auth failed", extra={"peer": self.peer, "user": event.username})
+                if self.server.audit.enabled:
+                    self.server.audit.event("auth", self.id, peer=self.peer, user=event.username, ok=False)
                 delay = self.server.auth_backoff(self.peer_host)
                 if delay > 0:
                     self._hold_for(delay)  # slow down guessing: hear nothing more from this client for a while
+            elif isinstance(event, Audited):
+                if self.server.audit.enabled:
+                    self.server.audit.event(
+                        "command", self.id, peer=self.peer, user=event.username, command=event.command
+                    )
             elif isinstance(event, Denied):
+                if self.server.audit.enabled:
+                    self.server.audit.event(
+                        "denied", self.id, peer=self.peer, user=event.username, command=event.command,
+                        kind=event.kind, object=event.object,
+                    )  # fmt: skip
                 log.info(
                     "command denied",
                     extra={"peer": self.peer, "user": event.username, "command": event.command, "kind": event.kind},

@@ -14,6 +14,7 @@ from typing import Any
 from . import resp
 from .acl import AclPolicy
 from .acl_log import AclLog
+from .audit import AuditLog, audited_commands
 from .commands import Requeue
 from .config import AUTH_BACKOFF_BASE, AUTH_BACKOFF_MAX, Config
 from .endpoints import HTTPEndpoints
@@ -46,6 +47,9 @@ class Server:
         #: The ACL check, when users are configured (with none, every client is Redis's all-powerful default user).
         self.policy = AclPolicy(self.authenticator, wording=config.acl.wording) if config.access_controlled else None
         self.acl_log = AclLog()
+        self.audit = AuditLog(config.audit.file or None)
+        self.audited = audited_commands(config.audit.commands) if self.audit.enabled else frozenset()
+        self._connection_ids = 0
         m = config.metrics
         #: Every counter the proxy keeps (the metrics endpoint exports them).
         self.observer = Observer(m.max_queues, m.max_tasks, key_prefix=m.key_prefix.encode())
@@ -77,6 +81,10 @@ class Server:
         if not task.cancelled() and task.exception() is not None:
             log.error("task failed", extra={"task": task.get_name(), "error": repr(task.exception())})
         self._check_idle()
+
+    def next_connection_id(self) -> int:
+        self._connection_ids += 1
+        return self._connection_ids
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self._connections.add(conn)
@@ -275,8 +283,10 @@ class Server:
         except ConfigError as exc:
             self.reload_failures += 1
             log.error("reload failed; keeping the old users and rules", extra={"key": exc.key, "error": exc.why})
+            self.audit.event("reload", ok=False, error=str(exc))
             return
         self.reload_users(new)
+        self.audit.event("reload", ok=True, users=len(self.authenticator.users))
 
     def reload_users(self, new: Config) -> None:
         """Apply a new config's users and rules without dropping connections: sessions see them from their next
@@ -336,6 +346,7 @@ class Server:
             await server.wait_closed()
         if self._endpoints is not None:
             await self._endpoints.close()
+        self.audit.close()
         o = self.observer
         log.info(
             "stopped",

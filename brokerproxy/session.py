@@ -125,7 +125,15 @@ class Denied:
     object: str
 
 
-Event = OpenUpstream | Close | UpstreamFailed | AuthFailed | Denied
+@dataclass(frozen=True, slots=True)
+class Audited:
+    """A command of the audit list was allowed and sent (its name only, never its arguments)."""
+
+    username: str | None
+    command: str
+
+
+Event = OpenUpstream | Close | UpstreamFailed | AuthFailed | Denied | Audited
 
 # Slot kinds
 _FORWARD = 0  # reply from Redis goes to the client
@@ -203,6 +211,7 @@ class Session:
         clock: Callable[[], float] = time.monotonic,
         acl_log: AclLog | None = None,
         client_info: str = "",
+        audited: frozenset[str] = frozenset(),
     ) -> None:
         self._auth = authenticator
         self._policy = policy
@@ -218,7 +227,10 @@ class Session:
         self._watch_replies = observer.WATCH_REPLIES if observer else frozenset()
         # Pushes: the observer reads their request and their integer reply; the fast paths hand it both.
         self._fast_observed = self._watch_replies & _INT_REPLY_WATCHED
-        self._not_fast = _NOT_FAST | (self._watch_replies - self._fast_observed)
+        # Commands the audit trail lists (full names, "config|set") and the names they start with.
+        self._audited = audited
+        self._audit_top = frozenset(n.split("|", 1)[0] for n in audited)
+        self._not_fast = _NOT_FAST | (self._watch_replies - self._fast_observed) | self._audit_top
         self._watch_inline = self._watch_requests - self._not_fast
         self._timed = 0.0  # when the first request of a batch sent on an idle connection was read (metrics)
         self._timed_name = ""
@@ -419,9 +431,15 @@ class Session:
         if self._policy is not None and name not in NO_AUTH:
             denial = self._policy.check(self.user, req)
             if denial is not None:
-                self._denied(req, denial)
+                if denial.startswith("NOPERM"):  # not Redis's arity or unknown-command errors
+                    self._denied(req, denial)
                 self._refuse(denial)
                 return
+        if name in self._audit_top:
+            sub = req.args[1].decode("latin-1").lower() if len(req.args) >= 2 and name not in self._audited else ""
+            full = f"{name}|{sub}" if sub else name
+            if full in self._audited:
+                self._events.append(Audited(self.user, full))
         handler = _HANDLERS.get(name)
         if handler is not None:
             handler(self, req)
