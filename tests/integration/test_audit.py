@@ -16,13 +16,13 @@ from redis.retry import Retry
 from tests.conftest import ProxyProcess, RedisServer
 
 
-def test_audit_trail_events(redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> None:
+def test_audit_trail_events(
+    redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
     trail = tmp_path / "audit.jsonl"
     acl = tmp_path / "users.acl"
     acl.write_text("user default off\nuser ops on >ops-secret ~* &* +@all\nuser app on >app-secret ~app:* +@all\n")
-    p = start_proxy(
-        redis_server.url(), config=f'[acl]\nfile = "{acl}"\n[audit]\nfile = "{trail}"\n'
-    )
+    p = start_proxy(redis_server.url(), config=f'[acl]\nfile = "{acl}"\n[audit]\nfile = "{trail}"\n')
     app = p.client(username="app", password="app-secret", protocol=3, retry=Retry(NoBackoff(), 0))
     app.set("app:k", "super-secret-value")
     with pytest.raises(redis.exceptions.NoPermissionError):
