@@ -17,7 +17,7 @@ from celery import Celery, chord, group
 
 from brokerproxy import acl_roles, resp
 from brokerproxy.acl import UserTable
-from tests.conftest import RedisServer
+from tests.conftest import ProxyProcess, RedisServer, free_port
 from tests.integration.celery_app import make_app
 from tests.integration.test_celery_e2e import Stack, Worker
 
@@ -42,10 +42,15 @@ def acl_text() -> str:
 
 
 class RoleStack(Stack):
-    """The e2e stack, direct to Redis, with the worker's credentials in the worker's environment."""
+    """The e2e stack with the worker's credentials in the worker's environment: either Redis enforces the ACL
+    file (``--aclfile``), or brokerproxy does, in front of a Redis without ACLs (``[acl] file``)."""
+
+    @property
+    def port(self) -> int:
+        return self.proxy.port if self.proxy is not None else self.redis.port
 
     def creds_url(self, user: str, db: int) -> str:
-        return f"redis://{user}:{PASSWORDS[user]}@127.0.0.1:{self.redis.port}/{db}"
+        return f"redis://{user}:{PASSWORDS[user]}@127.0.0.1:{self.port}/{db}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -56,17 +61,25 @@ class RoleStack(Stack):
         }
 
     def client(self, user: str) -> redis.Redis:
-        return self.redis.client(username=user, password=PASSWORDS[user])
+        return redis.Redis(port=self.port, username=user, password=PASSWORDS[user])
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoleStack]:
+@pytest.fixture(scope="module", params=["redis-enforces", "proxy-enforces"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoleStack]:
     tmp = tmp_path_factory.mktemp("roles")
     rdir = tmp / "redis"
     rdir.mkdir()
     acl = rdir / "users.acl"
     acl.write_text(acl_text())
-    s = RoleStack(RedisServer(rdir, "--aclfile", str(acl)), None, tmp)
+    if request.param == "redis-enforces":
+        s = RoleStack(RedisServer(rdir, "--aclfile", str(acl)), None, tmp)
+    else:
+        server = RedisServer(rdir)
+        conf = tmp / "proxy.toml"
+        conf.write_text(f'[acl]\nfile = "{acl}"\n')
+        port = free_port()
+        args = ["--listen", f"127.0.0.1:{port}", "--upstream", server.url(), "--config", str(conf)]
+        s = RoleStack(server, ProxyProcess(args, None, tmp / "proxy.log", port).wait_ready(), tmp)
     try:
         yield s
     finally:
@@ -157,6 +170,11 @@ def test_roles_allow_what_they_need(stack: RoleStack, policy: UserTable) -> None
 
 
 def test_acl_file_is_readable_by_brokerproxy_and_redis(stack: RoleStack, tmp_path: Path) -> None:
+    if stack.proxy is not None:  # the proxy loaded it: every user authenticates through it
+        for user in PASSWORDS:
+            assert stack.client(user).ping() is True
+        assert stack.client("admin").execute_command("ACL", "WHOAMI") in ("admin", b"admin")
+        return
     users = stack.client("admin").acl_users()
     assert sorted(users) == sorted(["default", "admin", "worker", "producer", "monitor"])
 
