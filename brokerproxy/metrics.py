@@ -69,6 +69,7 @@ UPSTREAM_ERRORS = "brokerproxy_upstream_errors_total"
 UPSTREAM_UP = "brokerproxy_upstream_up"
 PROTOCOL_ERRORS = "brokerproxy_protocol_errors_total"
 AUTH_FAILURES = "brokerproxy_auth_failures_total"
+RELOAD_FAILURES = "brokerproxy_config_reload_failures_total"
 ACL_DENIALS = "brokerproxy_acl_denials_total"
 BUILD_INFO = "brokerproxy_build_info"
 # The observer's own bookkeeping.
@@ -99,6 +100,7 @@ METRICS: tuple[Spec, ...] = (
     Spec(UPSTREAM_UP, "gauge", (), "1 while Redis answers, else 0."),
     Spec(PROTOCOL_ERRORS, "counter", ("side",), "Protocol violations, by the side that sent them."),
     Spec(AUTH_FAILURES, "counter", (), "Failed client authentications."),
+    Spec(RELOAD_FAILURES, "counter", (), "SIGHUP reloads refused (the old users and rules stay)."),
     Spec(ACL_DENIALS, "counter", ("user", "kind"), "Commands the ACL refused, by user and what was refused."),
     Spec(BUILD_INFO, "gauge", ("version",), "Always 1; the version is the label."),
     Spec(PAIRS_DROPPED, "counter", ("map",), "Pairing entries dropped for age or size (delivery_tag, task_id)."),
@@ -191,6 +193,7 @@ class ObserverCollector(Collector):
         for side, n in list(o.protocol_errors.items()):
             add(PROTOCOL_ERRORS, [side], n)
         add(AUTH_FAILURES, [], o.auth_failures)
+        add(RELOAD_FAILURES, [], o.reload_failures)
         for (user, kind), n in list(o.acl_denials.items()):
             add(ACL_DENIALS, [user, kind], n)
         add(BUILD_INFO, [self.version], 1)

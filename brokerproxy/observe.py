@@ -313,6 +313,7 @@ class Observer:
         self.upstream_errors: dict[str, int] = {}
         self.protocol_errors: dict[str, int] = {"client": 0, "upstream": 0}
         self.auth_failures = 0
+        self.reload_failures = 0
         self.acl_denials: dict[tuple[str, str], int] = {}  # (user, kind)
         self.requeue_failures = 0
         self._acl_users: set[str] = set()

@@ -56,7 +56,6 @@ class Server:
         #: The observer the sessions feed with traffic: only when metrics are served, since reading traffic costs.
         self.traffic_observer = self.observer if config.metrics_listen is not None else None
         self.upstream_up = False
-        self.reload_failures = 0
         self._auth_failures: dict[str, tuple[int, float]] = {}  # peer host -> (failures, last failure time)
         self._endpoints: HTTPEndpoints | None = None
         self.draining = False
@@ -281,7 +280,7 @@ class Server:
         try:
             new = reload()
         except ConfigError as exc:
-            self.reload_failures += 1
+            self.observer.reload_failures += 1
             log.error("reload failed; keeping the old users and rules", extra={"key": exc.key, "error": exc.why})
             self.audit.event("reload", ok=False, error=str(exc))
             return
@@ -293,7 +292,7 @@ class Server:
         command (the table is updated in place); connections of a removed or disabled user are closed."""
         if self.policy is None and new.access_controlled:
             log.warning("reload: access control cannot be turned on without a restart; users not applied")
-            self.reload_failures += 1
+            self.observer.reload_failures += 1
             return
         self.authenticator.load(new.acl_users)
         closed = 0
