@@ -47,13 +47,13 @@ from common import (
     REPO,
     BenchError,
     Report,
-    find_binary,
     fmt_ratio,
     fmt_spread,
     log,
     paired,
     proxy_process,
     redis_server,
+    run_benchmark,
     spread,
     tail,
 )
@@ -300,22 +300,7 @@ def measure(args: argparse.Namespace, redis_bin: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    redis_bin = find_binary("redis-server")
-    if redis_bin is None:
-        log("redis-server not found; install it with: apt-get install redis-server")
-        return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    rep = Report(NAME, "bench/celery_throughput.py", list(argv if argv is not None else sys.argv[1:]), redis_bin)
-    try:
-        body = measure(args, redis_bin)
-    except (BenchError, OSError) as exc:
-        log(f"benchmark failed: {exc}")
-        return 1
-    text = markdown(rep, body)
-    rep.finish(args.out, body, text)
-    print(text[text.index("## Results"):])
-    return 0
+    return run_benchmark(NAME, "bench/celery_throughput.py", argv, parse_args, measure, markdown, "## Results")
 
 
 if __name__ == "__main__":

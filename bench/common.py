@@ -11,10 +11,11 @@ import datetime as dt
 import json
 import os
 import resource
+import signal
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,33 @@ class Report:
         write_atomic(md_path, markdown)
         log(f"wrote {md_path} and {json_path}")
         return md_path, json_path
+
+
+def run_benchmark(
+    name: str,
+    script: str,
+    argv: Sequence[str] | None,
+    parse_args: Callable[[Sequence[str] | None], Any],
+    measure: Callable[[Any, str], dict[str, Any]],
+    markdown: Callable[[Report, dict[str, Any]], str],
+    print_from: str,
+) -> int:
+    """The main() every Redis-backed benchmark shares: find redis-server, measure, write the report, print its
+    results section (from the heading ``print_from``). Exit codes: 0 done, 1 the benchmark failed, 2 no Redis."""
+    args = parse_args(argv)
+    redis_bin = find_binary("redis-server")
+    if redis_bin is None:
+        log("redis-server not found; install it with: apt-get install redis-server")
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    rep = Report(name, script, list(argv if argv is not None else sys.argv[1:]), redis_bin)
+    try:
+        body = measure(args, redis_bin)
+    except (BenchError, OSError) as exc:
+        log(f"benchmark failed: {exc!r}")
+        return 1
+    text = markdown(rep, body)
+    rep.finish(args.out, body, text)
+    print(text[text.index(print_from) :])
+    return 0
+

@@ -33,7 +33,6 @@ import os
 import resource
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,6 @@ from common import (
     DEFAULT_OUT,
     BenchError,
     Report,
-    find_binary,
     fmt_ratio,
     log,
     paired,
@@ -56,6 +54,7 @@ from common import (
     raise_nofile,
     redis_server,
     rss_kib,
+    run_benchmark,
     spread,
 )
 
@@ -454,22 +453,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    redis_bin = find_binary("redis-server")
-    if redis_bin is None:
-        log("redis-server not found; install it with: apt-get install redis-server")
-        return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    rep = Report(NAME, "bench/connections.py", list(argv if argv is not None else sys.argv[1:]), redis_bin)
-    try:
-        body = measure(args, redis_bin)
-    except (BenchError, OSError) as exc:
-        log(f"benchmark failed: {exc!r}")
-        return 1
-    text = markdown(rep, body)
-    rep.finish(args.out, body, text)
-    print(text[text.index("## Idle"):])
-    return 0
+    return run_benchmark(NAME, "bench/connections.py", argv, parse_args, measure, markdown, "## Idle")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shlex
-import signal
 import socket
 import statistics
 import sys
@@ -38,12 +37,12 @@ from common import (
     DEFAULT_OUT,
     BenchError,
     Report,
-    find_binary,
     fmt_ratio,
     log,
     paired,
     proxy_process,
     redis_server,
+    run_benchmark,
     spread,
 )
 from e2e_redis_benchmark import LABELS, PEERS, find_peer, peer_process, peer_version
@@ -286,22 +285,7 @@ def measure(args: argparse.Namespace, redis_bin: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    redis_bin = find_binary("redis-server")
-    if redis_bin is None:
-        log("redis-server not found; install it with: apt-get install redis-server")
-        return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    rep = Report(NAME, "bench/latency.py", list(argv if argv is not None else sys.argv[1:]), redis_bin)
-    try:
-        body = measure(args, redis_bin)
-    except (BenchError, OSError) as exc:
-        log(f"benchmark failed: {exc}")
-        return 1
-    text = markdown(rep, body)
-    rep.finish(args.out, body, text)
-    print(text[text.index("## Microseconds"):])
-    return 0
+    return run_benchmark(NAME, "bench/latency.py", argv, parse_args, measure, markdown, "## Microseconds")
 
 
 if __name__ == "__main__":
