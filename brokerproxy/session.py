@@ -23,6 +23,12 @@ with ``message``/``pmessage``/``smessage`` while subscribed), and everything aft
 State mirrored from the connection, in the order Redis sees commands: the authenticated user, the RESP version
 (``HELLO``), ``MULTI``, the subscriptions (to count RESP2 confirmations), ``CLIENT REPLY``, ``RESET``.
 
+Two fast paths come first. A read of whole, ordinary requests (no command the proxy must look at, the
+connection in no special state, every request allowed by the ACL) is counted by hiredis and forwarded exactly as it
+arrived, one shared slot per command name; a read of whole replies to such requests goes back the same way. Any
+doubt (a partial frame, a push, a command with a handler, a pop, a refusal) and the read goes to the exact framers
+instead, untouched; ``at_frame_boundary`` is how a hiredis reader proves it holds no partial frame.
+
 When the client goes away with a pop outstanding (``client_gone()`` returns True), the asyncio layer half-closes
 the upstream connection and keeps feeding what Redis still sends; every element that arrives for the gone client
 becomes a requeue command in ``take_requeues()``. Pop replies written to the client but still in the transport's
