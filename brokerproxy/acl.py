@@ -896,7 +896,11 @@ class AclPolicy:
             return arity_error(cmd)
         if verdict.__class__ is dict:  # a container: its subcommands' entries are cached in it
             if len(args) < 2:
-                return arity_error(cmd)  # every container needs a subcommand (arity -2)
+                if cmd.arity == -1:  # COMMAND alone is a command of its own: its permission is the container's
+                    if any(sel.allows_command(cmd) for sel in u.selectors):
+                        return None
+                    return self._deny_cmd.format(user=u.name, cmd=cmd.name)
+                return arity_error(cmd)  # the other containers need a subcommand (arity -2)
             subs: dict[bytes, tuple[int, object, Command]] = verdict
             sub_entry = subs.get(args[1].lower())
             if sub_entry is None:
@@ -976,6 +980,8 @@ class AclPolicy:
         message = self.check(user, request) or ""
         result, position = evaluate(u, cmd, args)
         if result == OK:  # allowed by the ACL, refused by the script allowlist
+            if cmd.name not in SCRIPT_COMMANDS:
+                return None  # refused for another reason (arity, a container without its subcommand)
             return Denial("command", _script_sha(cmd, args), 1, message)
         if result == DENIED_CMD:
             return Denial("command", cmd.name.encode(), 0, message)

@@ -321,7 +321,7 @@ def at_frame_boundary(reader: Any) -> bool:
     reader.feed(_PROBE)
     try:
         probe = reader.gets()
-    except FastParseError:
+    except Exception:  # any failure means the reader was not at a boundary
         return False
     return type(probe) is list and not probe
 

@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import acl_log, resp
 from .acl_log import AclLog
@@ -184,7 +184,19 @@ _ReplyError = resp.ReplyErrorType
 #: Pops whose keys are all between the name and a trailing timeout: the ones the consumers gauge follows.
 _CONSUMER_POPS = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax"})
 _NOT_FAST: frozenset[str] = frozenset()  # filled in below, once _HANDLERS exists
-_FastParseError = resp.FastParseError
+_BROKEN = object()  # what _gets returns when hiredis cannot read a frame
+
+
+def _gets(reader: Any) -> Any:
+    """The next frame from a fast-path hiredis reader, False if incomplete, _BROKEN if hiredis fails on it: it raises
+    ProtocolError on a type it does not know, and TypeError on a RESP3 map whose key is an aggregate. The exact
+    framers take such a read instead."""
+    try:
+        return reader.gets()
+    except Exception:  # see above; only hiredis runs inside this try
+        return _BROKEN
+
+
 _PushNotification = resp.PushNotification
 
 #: The slots of ordinary forwarded requests, one shared object per command name, so that the hot path allocates
@@ -200,6 +212,8 @@ def _plain_slot(name: str) -> _Slot:
             name = "unknown"
         slot = _PLAIN_SLOTS.setdefault(name, _Slot(_FORWARD, name=name))
     return slot
+
+
 _CLIENT_ID = resp.encode_command([b"CLIENT", b"ID"])
 _PING = resp.encode_command([b"PING"])
 _MESSAGE_PREFIXES = (b"*3\r\n$7\r\nmessage\r\n", b"*4\r\n$8\r\npmessage\r\n", b"*3\r\n$8\r\nsmessage\r\n")
@@ -383,48 +397,45 @@ class Session:
         watched: list[list[bytes]] = []
         fast_observed = self._fast_observed
         observed: dict[int, list[bytes]] = {}  # index in names -> args, for pushes whose reply is observed
-        try:
-            while (args := reader.gets()) is not False:
-                if type(args) is not list or not args or type(args[0]) is not bytes:
-                    break
-                name = names_cache.get(args[0]) or resp.command_name(args[0])
-                if name in not_fast:
-                    break
-                if policy is not None:
-                    probe.args = args
-                    probe.name = name
-                    if policy.check(user, probe) is not None:
-                        break  # refused: the exact path answers it
-                if name in watch_inline:
-                    watched.append(args)
-                    if name in fast_observed:
-                        observed[len(names)] = args
-                names.append(name)
-            else:
-                if resp.at_frame_boundary(reader):
-                    self._out_upstream += data
-                    slots = self._slots
-                    observer = self._observer
-                    if observer is not None:
-                        if not slots and names:
-                            self._timed = self._clock()
-                            self._timed_name = names[0]
-                        for args in watched:
-                            observer.on_request(args, self._in_multi)
-                    append = slots.append
-                    if observed:
-                        for i, name in enumerate(names):
-                            args = observed.get(i)
-                            if args is None:
-                                append(_plain_slot(name))
-                            else:
-                                append(_Slot(_FORWARD, request=resp.Request(args, b"")))
-                    else:
-                        for name in names:
+        while (args := _gets(reader)) is not False:
+            if type(args) is not list or not args or type(args[0]) is not bytes:
+                break  # not a request (or hiredis could not read it: _BROKEN)
+            name = names_cache.get(args[0]) or resp.command_name(args[0])
+            if name in not_fast:
+                break
+            if policy is not None:
+                probe.args = args
+                probe.name = name
+                if policy.check(user, probe) is not None:
+                    break  # refused: the exact path answers it
+            if name in watch_inline:
+                watched.append(args)
+                if name in fast_observed:
+                    observed[len(names)] = args
+            names.append(name)
+        else:
+            if resp.at_frame_boundary(reader):
+                self._out_upstream += data
+                slots = self._slots
+                observer = self._observer
+                if observer is not None:
+                    if not slots and names:
+                        self._timed = self._clock()
+                        self._timed_name = names[0]
+                    for args in watched:
+                        observer.on_request(args, self._in_multi)
+                append = slots.append
+                if observed:
+                    for i, name in enumerate(names):
+                        args = observed.get(i)
+                        if args is None:
                             append(_plain_slot(name))
-                    return True
-        except _FastParseError:
-            pass
+                        else:
+                            append(_Slot(_FORWARD, request=resp.Request(args, b"")))
+                else:
+                    for name in names:
+                        append(_plain_slot(name))
+                return True
         # Out of the ordinary: start the fast reader afresh, let the exact path parse this read.
         self._fast_reader = resp.fast_reader()
         return False
@@ -786,49 +797,46 @@ class Session:
         reader.feed(data)
         slots = self._slots
         count = 0
-        try:
-            it = iter(slots)
-            errors: list[str] = []
-            pushes: list[tuple[list[bytes], int]] = []
-            fast_observed = self._fast_observed
-            while (reply := reader.gets()) is not False:
-                slot = next(it, None)
-                if slot is None or type(reply) is _PushNotification:
+        it = iter(slots)
+        errors: list[str] = []
+        pushes: list[tuple[list[bytes], int]] = []
+        fast_observed = self._fast_observed
+        while (reply := _gets(reader)) is not False:
+            slot = next(it, None)
+            if slot is None or reply is _BROKEN or type(reply) is _PushNotification:
+                break
+            if not slot.plain:
+                req = slot.request
+                # A push whose integer reply the observer reads (the queue's new length).
+                if slot.hook or req is None or req.name not in fast_observed or type(reply) is not int:
                     break
-                if not slot.plain:
-                    req = slot.request
-                    # A push whose integer reply the observer reads (the queue's new length).
-                    if slot.hook or req is None or req.name not in fast_observed or type(reply) is not int:
-                        break
-                    pushes.append((req.args, reply))
-                if type(reply) is _ReplyError:
-                    errors.append(slot.name)
-                count += 1
-            else:
-                if resp.at_frame_boundary(reader):
-                    popleft = slots.popleft
-                    observer = self._observer
-                    if observer is None:
-                        for _ in range(count):
-                            popleft()
-                    else:
-                        self._end_timing()
-                        commands = observer.commands
-                        for _ in range(count):
-                            key = popleft().ok_key
-                            commands[key] = commands.get(key, 0) + 1
-                        for name in errors:
-                            observer.command(name, "error")
-                            key = _plain_slot(name).ok_key
-                            commands[key] -= 1
-                        for args, length in pushes:
-                            observer.on_reply(args, b":%d\r\n" % length)
-                    self._out_client += data
-                    if slots and slots[0].kind == _LOCAL:
-                        self._flush_local()
-                    return True
-        except _FastParseError:
-            pass
+                pushes.append((req.args, reply))
+            if type(reply) is _ReplyError:
+                errors.append(slot.name)
+            count += 1
+        else:
+            if resp.at_frame_boundary(reader):
+                popleft = slots.popleft
+                observer = self._observer
+                if observer is None:
+                    for _ in range(count):
+                        popleft()
+                else:
+                    self._end_timing()
+                    commands = observer.commands
+                    for _ in range(count):
+                        key = popleft().ok_key
+                        commands[key] = commands.get(key, 0) + 1
+                    for name in errors:
+                        observer.command(name, "error")
+                        key = _plain_slot(name).ok_key
+                        commands[key] -= 1
+                    for args, length in pushes:
+                        observer.on_reply(args, b":%d\r\n" % length)
+                self._out_client += data
+                if slots and slots[0].kind == _LOCAL:
+                    self._flush_local()
+                return True
         self._fast_reply_reader = resp.fast_reader()
         return False
 
@@ -860,8 +868,10 @@ class Session:
         """One upstream frame, off the hot path."""
         out = self._out_client
         slots = self._slots
-        if kind == resp.PUSH or self._monitor or (
-            (self._subscribed_seen or self._shard_seen) and raw.startswith(_MESSAGE_PREFIXES)
+        if (
+            kind == resp.PUSH
+            or self._monitor
+            or ((self._subscribed_seen or self._shard_seen) and raw.startswith(_MESSAGE_PREFIXES))
         ):
             if not self._gone:
                 out += raw

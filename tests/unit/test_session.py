@@ -989,3 +989,21 @@ def test_delivered_forgets_flushed_pops() -> None:
     s, parts = undelivered_case()
     s.delivered(s.written)
     assert s.undelivered(len(parts[3])) == []
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"%1\r\n*1\r\n:1\r\n:2\r\n",  # a map whose key is an array: hiredis raises TypeError on it
+        b"!21\r\nSYNTAX invalid syntax\r\n",  # a blob error: hiredis does not know the type
+        b"(1234567890123456789012345678901234567890\r\n",  # a big number
+    ],
+)
+def test_replies_hiredis_cannot_read_still_pass_through(reply: bytes) -> None:
+    """The fast path hands what hiredis fails on to the exact framer: forwarded byte for byte, in order."""
+    s = open_session()
+    s.from_client(cmd("GET", "a") + cmd("GET", "b"))
+    s.take_upstream()
+    s.from_upstream(reply + b"$1\r\nx\r\n")
+    assert s.take_client() == reply + b"$1\r\nx\r\n"
+    assert s.pending == 0
