@@ -248,7 +248,10 @@ def corpus(seed: int = 20261125, per_command: int = 10) -> list[list[bytes]]:
     out: list[list[bytes]] = []
     for cmd in ALL_COMMANDS:
         if cmd.subcommands is not None:
-            continue  # containers: their subcommands are listed on their own
+            # Containers: their subcommands are listed on their own; the container alone too (COMMAND alone is a
+            # command of its own; the others are arity errors), and with an unknown subcommand.
+            out += [[cmd.name.upper().encode()], [cmd.name.upper().encode(), b"NO-SUCH-SUBCOMMAND"]]
+            continue
         out += _generic(cmd, rng, per_command)
     out += _shaped(rng)
     out += captured()
