@@ -205,7 +205,9 @@ class Server:
         if maddr is not None:
             self._endpoints = HTTPEndpoints(build_registry(self.observer), self.ready)
             await self._endpoints.start(maddr.host, maddr.port)
-        self.spawn(self._poll_upstream(), "upstream poller")
+            # Readiness and queue depth exist only for the endpoints: without them, no side connection every few
+            # seconds and no "upstream does not answer" log lines.
+            self.spawn(self._poll_upstream(), "upstream poller")
 
     def auth_backoff(self, host: str) -> float:
         """One more failed authentication from ``host``: how long to wait before reading from it again. Bounded, and
