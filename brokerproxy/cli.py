@@ -51,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--listen", metavar="HOST:PORT", help=f"address for Redis clients (default {DEFAULT_LISTEN})")
     p.add_argument(
+        "--tls-listen",
+        metavar="HOST:PORT",
+        help="address for TLS clients (rediss://), beside or instead of --listen; needs [tls] cert_file and key_file",
+    )
+    p.add_argument(
         "--upstream",
         metavar="URL",
         help=f"Redis to forward to, redis://[user:pass@]host:port/db (default {DEFAULT_UPSTREAM})",
@@ -79,6 +84,7 @@ def build_config(argv: Sequence[str] | None, env: dict[str, str]) -> Config:
     args = parser().parse_args(argv)
     overrides = {
         "listen": args.listen,
+        "tls_listen": args.tls_listen,
         "upstream": args.upstream,
         "log_level": args.log_level,
         "drain_timeout": args.drain_timeout,
