@@ -49,7 +49,11 @@ def parser() -> argparse.ArgumentParser:
         "config file or as BROKERPROXY_<FLAG> (for example BROKERPROXY_UPSTREAM); flags win over the environment, "
         "which wins over the file.",
     )
-    p.add_argument("--listen", metavar="HOST:PORT", help=f"address for Redis clients (default {DEFAULT_LISTEN})")
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help=f"address for Redis clients (default {DEFAULT_LISTEN}; '' for none, with --tls-listen)",
+    )
     p.add_argument(
         "--tls-listen",
         metavar="HOST:PORT",
@@ -117,7 +121,7 @@ async def _run(config: Config, reload: Callable[[], Config]) -> int:
         await server.start()
     except OSError as exc:
         logging.getLogger("brokerproxy").error(
-            "cannot listen", extra={"address": str(config.listen), "error": str(exc)}
+            "cannot listen", extra={"address": str(config.listen or config.tls_listen), "error": str(exc)}
         )
         return EXIT_START
     server.install_signals(reload)

@@ -20,6 +20,7 @@ from .acl import WORDING, AclError, UserTable, parse_acl_file
 from .acl import User as AclUser
 from .acl_roles import RoleError, expand, role_user
 from .errors import ConfigError
+from .tls import AUTH_CLIENTS, IDENTITY_FIELDS, UNMAPPED, VERSIONS, ClientTLS, ServerTLS, client_context, server_context
 
 DEFAULT_LISTEN = "127.0.0.1:6380"
 DEFAULT_UPSTREAM = "redis://127.0.0.1:6379/0"
@@ -73,6 +74,7 @@ class Upstream:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    tls: bool = False  # rediss://
 
     def handshake(self) -> list[list[bytes]]:
         """The commands the proxy sends first on every upstream connection; their replies are swallowed."""
@@ -88,7 +90,7 @@ class Upstream:
 
     def __str__(self) -> str:  # never shows the password
         who = f"{self.username}@" if self.username else ""
-        return f"redis://{who}{self.host}:{self.port}/{self.db}"
+        return f"{'rediss' if self.tls else 'redis'}://{who}{self.host}:{self.port}/{self.db}"
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class Metrics:
 
 @dataclass(frozen=True)
 class Config:
-    listen: Address
+    listen: Address | None  # None: TLS only (listen = "")
     upstream: Upstream
     log_level: str = DEFAULT_LOG_LEVEL
     protected_mode: bool = True
@@ -174,6 +176,9 @@ class Config:
     metrics: Metrics = Metrics()
     acl: Acl = Acl()
     audit: Audit = Audit()
+    tls_listen: Address | None = None
+    tls: ServerTLS = field(default_factory=ServerTLS)
+    upstream_tls: ClientTLS = field(default_factory=ClientTLS)
     #: The parsed users of [acl] and [[users]] (validated at load; re-read by ``acl_users()`` on reload).
     acl_users: tuple[AclUser, ...] = field(default=(), repr=False, compare=False)
 
@@ -210,10 +215,8 @@ def parse_upstream(key: str, value: Any) -> Upstream:
     if not isinstance(value, str):
         raise ConfigError(key, "expected a URL such as redis://user:pass@host:6379/0")
     parts = urlsplit(value)
-    if parts.scheme == "rediss":
-        raise ConfigError(key, "rediss:// (TLS to Redis) is not supported yet; use redis://")
-    if parts.scheme != "redis":
-        raise ConfigError(key, f"unsupported scheme {parts.scheme!r}; expected redis://host:port/db")
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(key, f"unsupported scheme {parts.scheme!r}; expected redis://host:port/db or rediss://")
     try:
         port = parts.port or 6379
     except ValueError as exc:
@@ -231,7 +234,7 @@ def parse_upstream(key: str, value: Any) -> Upstream:
     password = unquote(parts.password) if parts.password is not None else None
     if username and password is None:
         password, username = username, None  # redis://secret@host means a password, as redis-py reads it
-    return Upstream(parts.hostname, port, db, username, password)
+    return Upstream(parts.hostname, port, db, username, password, tls=parts.scheme == "rediss")
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -278,7 +281,7 @@ def _log_level(key: str, value: Any) -> str:
 
 
 SCALARS: dict[str, Any] = {
-    "listen": parse_address,
+    "listen": lambda key, value: None if value == "" else parse_address(key, value),
     "upstream": parse_upstream,
     "log_level": _log_level,
     "protected_mode": _bool,
@@ -288,6 +291,7 @@ SCALARS: dict[str, Any] = {
     "metrics_listen": parse_address,
     "backlog": _positive(int),
     "auth_timeout": _positive(float),
+    "tls_listen": parse_address,
 }
 METRICS_KEYS = {
     "max_queues": _positive(int),
@@ -459,6 +463,65 @@ def _audit(raw: Any) -> Audit:
     return Audit(file, commands)
 
 
+_MATERIAL_KEYS = {
+    "cert_file", "key_file", "key_passphrase_file", "key_passphrase_env", "ca_file", "min_version", "ciphers",
+    "ciphersuites",
+}  # fmt: skip
+_PATH_KEYS = {"cert_file", "key_file", "key_passphrase_file", "ca_file"}
+_SERVER_TLS_KEYS = {
+    "auth_clients", "prefer_server_ciphers", "identity", "identities", "unmapped", "handshake_timeout",
+    "watch_interval",
+}  # fmt: skip
+_CLIENT_TLS_KEYS = {"server_hostname", "verify", "check_hostname", "watch_interval"}
+
+
+def _tls_table(prefix: str, raw: Any, config_path: str | None, extra: set[str]) -> dict[str, Any]:
+    """The common keys of [tls] and [upstream_tls], type-checked; paths relative to the config file."""
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix, "expected a table")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}.{key}"
+        if key not in _MATERIAL_KEYS | extra:
+            raise ConfigError(name, "unknown key")
+        if key in _PATH_KEYS:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(name, "expected a path")
+            if config_path is not None and not os.path.isabs(value):
+                value = os.path.join(os.path.dirname(os.path.abspath(config_path)), value)
+        elif key in ("prefer_server_ciphers", "verify", "check_hostname"):
+            value = _bool(name, value)
+        elif key in ("handshake_timeout",):
+            value = _positive(float)(name, value)
+        elif key == "watch_interval":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(name, f"expected seconds >= 0 (0: reload on SIGHUP only), got {value!r}")
+            value = float(value)
+        elif key == "identities":
+            if not isinstance(value, dict) or not all(isinstance(v, str) and v for v in value.values()):
+                raise ConfigError(name, 'expected a table of certificate value = "user"')
+            value = dict(value)
+        elif not isinstance(value, str):
+            raise ConfigError(name, "expected a string")
+        out[key] = value
+    if "min_version" in out and out["min_version"] not in VERSIONS:
+        raise ConfigError(f"{prefix}.min_version", f"expected one of {', '.join(VERSIONS)}, got {out['min_version']!r}")
+    return out
+
+
+def _server_tls(raw: Any, config_path: str | None) -> ServerTLS:
+    values = _tls_table("tls", raw, config_path, _SERVER_TLS_KEYS)
+    if values.get("auth_clients", "no") not in AUTH_CLIENTS:
+        raise ConfigError("tls.auth_clients", f"expected no, optional or yes, got {values['auth_clients']!r}")
+    if values.get("identity", "") not in IDENTITY_FIELDS:
+        raise ConfigError("tls.identity", f"expected one of cn, san_dns, san_uri, email, got {values['identity']!r}")
+    if values.get("unmapped", "refuse") not in UNMAPPED:
+        raise ConfigError("tls.unmapped", f"expected refuse or password, got {values['unmapped']!r}")
+    if values.get("identity") and values.get("auth_clients", "no") == "no":
+        raise ConfigError("tls.identity", 'needs client certificates: set auth_clients = "yes" (or "optional")')
+    return ServerTLS(**values)
+
+
 def _secrets(key: str, entry: dict[str, Any]) -> list[str]:
     """Passwords a secret manager supplies: ``password_file`` (a file holding one password, a trailing newline
     ignored) and ``password_env`` (the name of an environment variable)."""
@@ -507,7 +570,7 @@ def load(
             raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    known = set(SCALARS) | {"limits", "users", "metrics", "acl", "audit"}
+    known = set(SCALARS) | {"limits", "users", "metrics", "acl", "audit", "tls", "upstream_tls"}
     for key in raw:
         if key not in known:
             raise ConfigError(key, "unknown key")
@@ -543,13 +606,32 @@ def load(
     audit = _audit(raw.get("audit", {}))
     acl_users = load_acl_users(acl_cfg, users)
 
+    tls = _server_tls(raw.get("tls", {}), path)
+    upstream_tls = ClientTLS(**_tls_table("upstream_tls", raw.get("upstream_tls", {}), path, _CLIENT_TLS_KEYS))
     cfg = Config(
-        limits=limits, users=users, metrics=metrics, acl=acl_cfg, acl_users=acl_users, audit=audit, **parsed
-    )
-    if cfg.protected_mode and not cfg.authenticator().required and not cfg.listen.is_loopback:
+        limits=limits, users=users, metrics=metrics, acl=acl_cfg, acl_users=acl_users, audit=audit, tls=tls,
+        upstream_tls=upstream_tls, **parsed,
+    )  # fmt: skip
+    # Build the contexts once now, so that a bad certificate, key, passphrase or cipher fails at start-up with its
+    # key named (the server builds its own again; nothing here stays open).
+    if cfg.listen is None and cfg.tls_listen is None:
+        raise ConfigError("listen", 'no listener: listen = "" needs tls_listen')
+    if cfg.tls_listen is not None:
+        server_context(cfg.tls)
+    elif "tls" in raw:
+        raise ConfigError("tls_listen", "[tls] is set but tls_listen is not: no listener would use it")
+    if cfg.upstream.tls:
+        client_context(cfg.upstream_tls)
+    elif "upstream_tls" in raw:
+        raise ConfigError("upstream_tls", "[upstream_tls] is set but the upstream URL is redis://, not rediss://")
+    for user in tls.identities.values():
+        if not any(u.name == user for u in acl_users):
+            raise ConfigError("tls.identities", f"user {user!r} is not defined in [[users]] or [acl]")
+    open_listeners = [a for a in (cfg.listen, cfg.tls_listen) if a is not None and not a.is_loopback]
+    if cfg.protected_mode and not cfg.authenticator().required and open_listeners:
         raise ConfigError(
             "protected_mode",
-            f"refusing to listen on non-loopback {cfg.listen} with no users configured: add [[users]], or set "
+            f"refusing to listen on non-loopback {open_listeners[0]} with no users configured: add [[users]], or set "
             "protected_mode = false to accept unauthenticated clients from the network",
         )
     return cfg

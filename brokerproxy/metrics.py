@@ -71,6 +71,9 @@ PROTOCOL_ERRORS = "brokerproxy_protocol_errors_total"
 AUTH_FAILURES = "brokerproxy_auth_failures_total"
 RELOAD_FAILURES = "brokerproxy_config_reload_failures_total"
 ACL_DENIALS = "brokerproxy_acl_denials_total"
+TLS_HANDSHAKE_FAILURES = "brokerproxy_tls_handshake_failures_total"
+TLS_RELOADS = "brokerproxy_tls_reloads_total"
+TLS_CERT_EXPIRY = "brokerproxy_tls_certificate_expiry_timestamp_seconds"
 BUILD_INFO = "brokerproxy_build_info"
 # The observer's own bookkeeping.
 PAIRS_DROPPED = "brokerproxy_observe_pairs_dropped_total"
@@ -102,6 +105,16 @@ METRICS: tuple[Spec, ...] = (
     Spec(AUTH_FAILURES, "counter", (), "Failed client authentications."),
     Spec(RELOAD_FAILURES, "counter", (), "SIGHUP reloads refused (the old users and rules stay)."),
     Spec(ACL_DENIALS, "counter", ("user", "kind"), "Commands the ACL refused, by user and what was refused."),
+    Spec(
+        TLS_HANDSHAKE_FAILURES, "counter", ("listener", "reason"),
+        "TLS handshakes that failed: no_certificate, unknown_ca, expired, protocol_version, not_tls, timeout, closed, "
+        "other; plaintext_port counts TLS clients on the plaintext listener.",
+    ),
+    Spec(TLS_RELOADS, "counter", ("listener", "result"), "Certificate reloads (SIGHUP, files changed): ok or failed."),
+    Spec(
+        TLS_CERT_EXPIRY, "gauge", ("listener", "role"),
+        "notAfter of every certificate the proxy holds, Unix seconds (role: server, client, ca = the earliest CA).",
+    ),
     Spec(BUILD_INFO, "gauge", ("version",), "Always 1; the version is the label."),
     Spec(PAIRS_DROPPED, "counter", ("map",), "Pairing entries dropped for age or size (delivery_tag, task_id)."),
     Spec(PAIRS_PENDING, "gauge", ("map",), "Pairing entries held (delivery_tag, task_id)."),
@@ -196,6 +209,12 @@ class ObserverCollector(Collector):
         add(RELOAD_FAILURES, [], o.reload_failures)
         for (user, kind), n in list(o.acl_denials.items()):
             add(ACL_DENIALS, [user, kind], n)
+        for (listener, reason), n in list(o.tls_handshake_failures.items()):
+            add(TLS_HANDSHAKE_FAILURES, [listener, reason], n)
+        for (listener, result), n in list(o.tls_reloads.items()):
+            add(TLS_RELOADS, [listener, result], n)
+        for (listener, role), not_after in list(o.tls_expiry.items()):
+            add(TLS_CERT_EXPIRY, [listener, role], not_after)
         add(BUILD_INFO, [self.version], 1)
 
         for name, n in list(o.dropped.items()):

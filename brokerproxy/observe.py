@@ -316,6 +316,9 @@ class Observer:
         self.reload_failures = 0
         self.acl_denials: dict[tuple[str, str], int] = {}  # (user, kind)
         self.requeue_failures = 0
+        self.tls_handshake_failures: dict[tuple[str, str], int] = {}  # (listener, reason)
+        self.tls_reloads: dict[tuple[str, str], int] = {}  # (listener, "ok" | "failed")
+        self.tls_expiry: dict[tuple[str, str], float] = {}  # (listener, role) -> notAfter, Unix seconds
         self._acl_users: set[str] = set()
         self._known_commands = KNOWN_COMMANDS
 
@@ -852,6 +855,15 @@ class Observer:
 
     def auth_failed(self) -> None:
         self.auth_failures += 1
+
+    def tls_handshake_failed(self, listener: str, reason: str) -> None:
+        """``reason`` is one of tls.REASONS (or "plaintext_port"): a bounded set, checked by the caller."""
+        key = (listener, reason)
+        self.tls_handshake_failures[key] = self.tls_handshake_failures.get(key, 0) + 1
+
+    def tls_reloaded(self, listener: str, ok: bool) -> None:
+        key = (listener, "ok" if ok else "failed")
+        self.tls_reloads[key] = self.tls_reloads.get(key, 0) + 1
 
     def acl_denied(self, user: str | None, kind: str) -> None:
         kind = kind if kind in ACL_KINDS else OTHER

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import TYPE_CHECKING, cast
 
 from . import resp
@@ -51,9 +52,15 @@ class _UpstreamProtocol(asyncio.Protocol):
         self.owner.resume_client_reading("upstream")
 
 
+#: The first bytes of a TLS ClientHello (handshake record, SSL 3.0/TLS 1.x): a TLS client on the plaintext port.
+_TLS_HELLO = b"\x16\x03"
+
+
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, listener: str = "main", identity: str | None = None) -> None:
         self.server = server
+        self.listener = listener  # "main" (plaintext) or "tls": a metric label
+        self._identity = identity  # the user a verified client certificate maps to
         self.session: Session
         self.transport: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
@@ -99,6 +106,7 @@ class ClientConnection(asyncio.Protocol):
             acl_log=self.server.acl_log,
             client_info=f"addr={self.peer} laddr={local}",
             audited=self.server.audited,
+            identity=self._identity,
         )
         self.id = self.server.next_connection_id()
         self._opened = asyncio.get_running_loop().time()
@@ -137,6 +145,13 @@ class ClientConnection(asyncio.Protocol):
         if self._held is not None:  # backing off after failed authentications
             self._held += data
             self.pause_client_reading("auth-backoff")
+            return
+        if not self._bytes_in and data.startswith(_TLS_HELLO) and self.listener == "main":
+            # A TLS client on the plaintext port: it cannot read a RESP error, so close, count and log once.
+            self.server.observer.tls_handshake_failed(self.listener, "plaintext_port")
+            log.info("TLS handshake on the plaintext port; closing", extra={"peer": self.peer})
+            if self.transport is not None:
+                self.transport.abort()
             return
         self.server.observer.bytes_in += len(data)
         self._bytes_in += len(data)
@@ -225,14 +240,16 @@ class ClientConnection(asyncio.Protocol):
     async def _connect(self) -> None:
         up = self.server.config.upstream
         loop = asyncio.get_running_loop()
+        tls = self.server.upstream_tls_args()
         try:
             transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _UpstreamProtocol(self), up.host, up.port),
+                loop.create_connection(lambda: _UpstreamProtocol(self), up.host, up.port, **tls),
                 self.server.config.connect_timeout,
             )
         except (TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
-            self.server.observer.upstream_error("timeout" if isinstance(exc, asyncio.TimeoutError) else "connect")
+            kind = "timeout" if isinstance(exc, TimeoutError) else "tls" if isinstance(exc, ssl.SSLError) else "connect"
+            self.server.observer.upstream_error(kind)
             log.warning("upstream connect failed", extra={"peer": self.peer, "upstream": str(up), "error": reason})
             self._connecting = None
             if not self._left:

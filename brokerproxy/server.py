@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -22,6 +23,9 @@ from .errors import ConfigError
 from .metrics import build_registry
 from .observe import Observer
 from .proxy import ClientConnection
+from .status import StatusBoard
+from .tls import Material, Reloadable, client_context, server_context
+from .tls_listener import TLSAccept
 
 log = logging.getLogger("brokerproxy.server")
 
@@ -66,6 +70,15 @@ class Server:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stop = asyncio.Event()
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        #: The TLS listener's certificate material and the upstream's (rediss://); reloaded on SIGHUP or file change.
+        self.tls = Reloadable("tls", lambda: server_context(config.tls), config.tls) if config.tls_listen else None
+        self.upstream_tls = (
+            Reloadable("upstream", lambda: client_context(config.upstream_tls), config.upstream_tls)
+            if config.upstream.tls
+            else None
+        )
+        self._note_expiries()
 
     # ------------------------------------------------------------------------ bookkeeping
 
@@ -87,13 +100,13 @@ class Server:
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self._connections.add(conn)
-        self.observer.connection_opened()
+        self.observer.connection_opened(conn.listener)
         self._idle.clear()
 
     def connection_closed(self, conn: ClientConnection) -> None:
         if conn in self._connections:
             self._connections.discard(conn)
-            self.observer.connection_closed()
+            self.observer.connection_closed(conn.listener)
             conn.session.close()
         self._check_idle()
 
@@ -111,6 +124,91 @@ class Server:
     def connections(self) -> int:
         return len(self._connections)
 
+    @property
+    def open_connections(self) -> tuple[ClientConnection, ...]:
+        """The client connections open now (the status page counts them by user and listener)."""
+        return tuple(self._connections)
+
+    # ------------------------------------------------------------------------ TLS
+
+    def upstream_tls_args(self) -> dict[str, Any]:
+        """Keyword arguments for create_connection/open_connection to the upstream: TLS when it is rediss://."""
+        if self.upstream_tls is None:
+            return {}
+        cfg = self.config.upstream_tls
+        return {
+            "ssl": self.upstream_tls.context,
+            "server_hostname": cfg.server_hostname or self.config.upstream.host,
+            "ssl_handshake_timeout": self.config.connect_timeout,
+        }
+
+    def handshake_started(self, coro: Coroutine[Any, Any, None], peer: str) -> None:
+        """A TLS handshake (tls_listener): tracked, and cancelled at once by a drain."""
+        if self.draining:
+            coro.close()
+            return
+        task = self.spawn(coro, f"tls handshake {peer}")
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    def _note_expiries(self) -> None:
+        for material in (self.tls, self.upstream_tls):
+            if material is not None:
+                for key in [k for k in self.observer.tls_expiry if k[0] == material.listener]:
+                    del self.observer.tls_expiry[key]
+                for role, t in material.certificate_expiries().items():
+                    self.observer.tls_expiry[(material.listener, role)] = t
+
+    def reload_tls(self, new: Config | None = None) -> None:
+        """Rebuild the TLS contexts (from ``new``'s settings when given). New handshakes use them; established
+        connections keep theirs. A failure keeps the old material, logged and counted."""
+        builds: list[tuple[Reloadable | None, Material | None, Callable[[], ssl.SSLContext] | None]] = [
+            (self.tls, None, None),
+            (self.upstream_tls, None, None),
+        ]
+        if new is not None and new.tls_listen is not None:
+            builds[0] = (self.tls, new.tls, lambda: server_context(new.tls))
+        if new is not None and new.upstream.tls:
+            builds[1] = (self.upstream_tls, new.upstream_tls, lambda: client_context(new.upstream_tls))
+        for material, settings, build in builds:
+            if material is None:
+                continue
+            try:
+                material.reload(settings, build)
+            except ConfigError as exc:
+                self.observer.tls_reloaded(material.listener, ok=False)
+                log.error(
+                    "TLS reload failed; keeping the old certificate",
+                    extra={"listener": material.listener, "key": exc.key, "error": exc.why},
+                )
+                continue
+            self.observer.tls_reloaded(material.listener, ok=True)
+            log.info("TLS material reloaded", extra={"listener": material.listener})
+        self._note_expiries()
+
+    async def _watch_tls(self, interval: float) -> None:
+        """Reload when a certificate, key or CA file changes on disk (Kubernetes secret rotation)."""
+        while True:
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            for material in (self.tls, self.upstream_tls):
+                if material is not None and material.changed():
+                    try:
+                        material.reload()
+                    except ConfigError as exc:
+                        self.observer.tls_reloaded(material.listener, ok=False)
+                        log.error(
+                            "TLS files changed but cannot be loaded; keeping the old certificate",
+                            extra={"listener": material.listener, "key": exc.key, "error": exc.why},
+                        )
+                        continue
+                    self.observer.tls_reloaded(material.listener, ok=True)
+                    log.info("TLS files changed; reloaded", extra={"listener": material.listener})
+                    self._note_expiries()
+
     # ------------------------------------------------------------------------ requeue
 
     async def side_commands(self, commands: list[list[bytes]]) -> list[bytes]:
@@ -120,7 +218,9 @@ class Server:
         handshake = up.handshake()
         payload = b"".join(resp.encode_command(c) for c in handshake + commands)
         timeout = self.config.connect_timeout
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(up.host, up.port), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(up.host, up.port, **self.upstream_tls_args()), timeout
+        )
         try:
             writer.write(payload)
             parser = resp.ReplyParser()
@@ -193,17 +293,32 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        addr = self.config.listen
-        server = await loop.create_server(
-            lambda: ClientConnection(self), addr.host, addr.port, reuse_address=True, backlog=self.config.backlog
-        )
-        self._servers.append(server)
-        for sock in getattr(server, "sockets", ()):
-            name = sock.getsockname()
-            log.info("listening", extra={"address": f"{name[0]}:{name[1]}", "upstream": str(self.config.upstream)})
+        listeners: list[tuple[str, Any, Callable[[], asyncio.Protocol]]] = []
+        if self.config.listen is not None:
+            listeners.append(("main", self.config.listen, lambda: ClientConnection(self)))
+        if self.config.tls_listen is not None:
+            listeners.append(("tls", self.config.tls_listen, lambda: TLSAccept(self)))
+        for kind, addr, factory in listeners:
+            server = await loop.create_server(
+                factory, addr.host, addr.port, reuse_address=True, backlog=self.config.backlog
+            )
+            self._servers.append(server)
+            for sock in getattr(server, "sockets", ()):
+                name = sock.getsockname()
+                log.info(
+                    "listening",
+                    extra={"listener": kind, "address": f"{name[0]}:{name[1]}", "upstream": str(self.config.upstream)},
+                )
+        intervals = [
+            m.material.watch_interval  # type: ignore[attr-defined]
+            for m in (self.tls, self.upstream_tls)
+            if m is not None and m.material.watch_interval > 0  # type: ignore[attr-defined]
+        ]
+        if intervals:
+            self.spawn(self._watch_tls(min(intervals)), "tls file watch")
         maddr = self.config.metrics_listen
         if maddr is not None:
-            self._endpoints = HTTPEndpoints(build_registry(self.observer), self.ready)
+            self._endpoints = HTTPEndpoints(build_registry(self.observer), self.ready, status=StatusBoard(self))
             await self._endpoints.start(maddr.host, maddr.port)
             # Readiness and queue depth exist only for the endpoints: without them, no side connection every few
             # seconds and no "upstream does not answer" log lines.
@@ -287,6 +402,7 @@ class Server:
             self.audit.event("reload", ok=False, error=str(exc))
             return
         self.reload_users(new)
+        self.reload_tls(new)
         self.audit.event("reload", ok=True, users=len(self.authenticator.users))
 
     def reload_users(self, new: Config) -> None:
@@ -328,6 +444,8 @@ class Server:
         self.draining = True
         for server in self._servers:
             server.close()
+        for task in list(self._handshakes):
+            task.cancel()  # a handshake in progress is not a client yet: nothing of its is in flight
         for conn in list(self._connections):
             conn.drain()
         self._check_idle()

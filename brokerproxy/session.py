@@ -232,8 +232,11 @@ class Session:
         acl_log: AclLog | None = None,
         client_info: str = "",
         audited: frozenset[str] = frozenset(),
+        identity: str | None = None,
     ) -> None:
         self._auth = authenticator
+        # The user a verified client certificate maps to: authenticated from the start, and again after RESET.
+        self._identity = identity
         self._policy = policy
         self._observer = observer
         self._clock = clock
@@ -268,7 +271,7 @@ class Session:
         self._events: list[Event] = []
         self._requeues: Requeue = []
 
-        self.user: str | None = None if authenticator.required else "default"
+        self.user: str | None = identity or (None if authenticator.required else "default")
         self.upstream_id: int | None = None  # CLIENT ID of the pinned upstream connection
         self.protocol = 2
         self.db = 0
@@ -637,7 +640,9 @@ class Session:
         self._shard.clear()
         self._reply_off = self._reply_skip = False
         self._monitor = False
-        if self._auth.required:
+        if self._identity is not None:
+            self.user = self._identity
+        elif self._auth.required:
             self.user = None
 
     def _cmd_multi(self, req: resp.Request) -> None:

@@ -50,7 +50,6 @@ def test_upstream_url_credentials_and_db() -> None:
         ('listen = "127.0.0.1:99999"', "listen"),
         ('upstream = "http://x"', "upstream"),
         ('upstream = "redis://h/notadb"', "upstream"),
-        ('upstream = "rediss://h/0"', "upstream"),
         ('log_level = "loud"', "log_level"),
         ("drain_timeout = -1", "drain_timeout"),
         ("write_buffer_high_water = 4294967296", "write_buffer_high_water"),
