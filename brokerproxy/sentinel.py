@@ -1,0 +1,482 @@
+"""Redis Sentinel: where the master is now, and when that changes.
+
+The upstream is given as a ``sentinel://`` URL (``sentinel_url.py`` parses it and documents the scheme;
+``parse_sentinel_url`` and ``SentinelUpstream`` are re-exported here).
+
+Theory of operation
+-------------------
+``SentinelWatcher.discover()`` asks each Sentinel in turn ``SENTINEL get-master-addr-by-name <name>`` (after AUTH,
+with a bounded time per Sentinel) and checks the answer on the data node itself: ``ROLE`` must say ``master``.
+A Sentinel that is down, times out, does not know the name, or names a node that is not (or not yet) a master is
+skipped; when some named a node whose role disagreed (a failover in progress), the whole round is asked once more
+after a short pause. Nothing usable: ``SentinelError`` listing what each Sentinel said. If the data node refuses
+``ROLE`` with ``-NOPERM`` (an ACL user without ``@admin``), the Sentinel's word is taken unchecked.
+
+``run()`` keeps one ``SUBSCRIBE +switch-master`` connection per Sentinel (reconnecting with bounded backoff; a PING
+on an idle subscription finds a half-open one) and re-asks the Sentinels every ``requery_interval`` seconds and at
+once after any doubt (a subscription (re)established, so events may have been missed; an event whose new master
+does not check out). Every change of ``current`` goes through one lock and one comparison, so the three Sentinels'
+copies of one ``+switch-master`` and the re-query that finds the same master make one ``on_switch(old, new)`` call.
+``old`` is None the first time a master becomes known. ``close()`` cancels and awaits every task the watcher
+started.
+
+Reply parsing is sans-IO (``resp.ReplyParser`` framing, ``resp.decode``, and the ``parse_*`` functions below);
+the asyncio part only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from . import resp
+from .errors import ProtocolError, UpstreamError
+from .sentinel_url import (
+    DEFAULT_SENTINEL_PORT,
+    Address,
+    SentinelUpstream,
+    auth_command,
+    format_address,
+    parse_sentinel_url,
+)
+
+__all__ = [
+    "DEFAULT_SENTINEL_PORT", "Address", "SentinelError", "SentinelUpstream", "SentinelWatcher", "SwitchCallback",
+    "format_address", "parse_master_addr", "parse_role", "parse_sentinel_url", "parse_switch_master",
+    "pubsub_message",
+]  # fmt: skip
+
+log = logging.getLogger("brokerproxy.sentinel")
+
+#: Seconds one Sentinel (or one data node's ROLE check) may take, connect included, before it is skipped.
+#: redis-py's Sentinel uses 0.1 s per Sentinel; a TLS handshake over a WAN needs more.
+DEFAULT_SENTINEL_TIMEOUT = 1.0
+#: Seconds between re-asking the Sentinels while subscribed (the safety net for a missed +switch-master).
+DEFAULT_REQUERY_INTERVAL = 5.0
+#: Reconnecting a lost subscription waits RECONNECT_MIN, doubling up to RECONNECT_MAX seconds (Jedis waits a flat 5 s).
+RECONNECT_MIN = 0.1
+RECONNECT_MAX = 5.0
+#: An idle subscription is PINGed after this many seconds; no answer within the timeout means it is dead.
+SUBSCRIPTION_PING_INTERVAL = 5.0
+#: discover() asks the whole list again once, after this pause, when a Sentinel named a node that is not a master.
+DOUBT_PAUSE = 0.5
+DISCOVER_ROUNDS = 2
+#: The Pub/Sub channel Sentinel announces a new master on: "<name> <old-ip> <old-port> <new-ip> <new-port>".
+SWITCH_MASTER = b"+switch-master"
+
+#: ``on_switch(old, new)``: old is None when the first master becomes known.
+SwitchCallback = Callable[[Address | None, Address], object]
+
+
+# ---------------------------------------------------------------------------------------------------- replies (sans-IO)
+
+
+class SentinelError(UpstreamError):
+    """No Sentinel gave a master that checks out; the message says what each one answered."""
+
+
+class ReplyShapeError(ValueError):
+    """A reply that does not have the shape Sentinel's protocol gives it."""
+
+
+def parse_master_addr(value: resp.Value) -> Address | None:
+    """The reply to ``SENTINEL get-master-addr-by-name``: ``[ip, port]``, or a null array when the Sentinel does
+    not know the name (None). An error reply or any other shape raises ReplyShapeError."""
+    if value is None:
+        return None
+    if isinstance(value, resp.ErrorReply):
+        raise ReplyShapeError(value.decode("utf-8", "replace"))
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, bytes) for v in value):
+        raise ReplyShapeError(f"expected [ip, port], got {value!r}")
+    host, port = value
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise ReplyShapeError(f"port {port!r} is not a number") from None
+    if not host or not 0 < port_n < 65536:
+        raise ReplyShapeError(f"not an address: {value!r}")
+    return host.decode("utf-8", "replace"), port_n
+
+
+def parse_role(value: resp.Value) -> str:
+    """The role ``ROLE`` reports: ``master``, ``slave``, or ``sentinel``. An error reply raises ReplyShapeError."""
+    if isinstance(value, resp.ErrorReply):
+        raise ReplyShapeError(value.decode("utf-8", "replace"))
+    if not isinstance(value, list) or not value or not isinstance(value[0], bytes):
+        raise ReplyShapeError(f"unexpected ROLE reply {value!r}")
+    return value[0].decode("latin-1").lower()
+
+
+def parse_switch_master(payload: bytes, master_name: str) -> tuple[Address, Address] | None:
+    """``(old, new)`` from a ``+switch-master`` message about ``master_name``; None for another master. A
+    malformed message raises ReplyShapeError."""
+    parts = payload.split(b" ")
+    if len(parts) != 5:
+        raise ReplyShapeError(f"malformed +switch-master message {payload!r}")
+    if parts[0].decode("utf-8", "replace") != master_name:
+        return None
+    try:
+        old = (parts[1].decode("utf-8", "replace"), int(parts[2]))
+        new = (parts[3].decode("utf-8", "replace"), int(parts[4]))
+    except ValueError:
+        raise ReplyShapeError(f"malformed +switch-master message {payload!r}") from None
+    return old, new
+
+
+def pubsub_message(value: resp.Value) -> tuple[bytes, bytes] | None:
+    """``(channel, payload)`` of a Pub/Sub ``message``; None for the other Pub/Sub frames (``subscribe``
+    confirmations, ``pong``). An error reply raises ReplyShapeError."""
+    if isinstance(value, resp.ErrorReply):
+        raise ReplyShapeError(value.decode("utf-8", "replace"))
+    if not isinstance(value, list) or not value or not isinstance(value[0], bytes):
+        raise ReplyShapeError(f"unexpected frame on a subscription: {value!r}")
+    kind = value[0].lower()
+    if kind == b"message" and len(value) == 3 and isinstance(value[1], bytes) and isinstance(value[2], bytes):
+        return value[1], value[2]
+    if kind in (b"subscribe", b"pong"):
+        return None
+    raise ReplyShapeError(f"unexpected frame on a subscription: {value!r}")
+
+
+class ReplyReader:
+    """Bytes in, decoded replies out: ``feed()`` then iterate ``replies()``."""
+
+    def __init__(self) -> None:
+        self._parser = resp.ReplyParser()
+
+    def feed(self, data: bytes) -> None:
+        self._parser.feed(data)
+
+    def replies(self) -> list[resp.Value]:
+        out: list[resp.Value] = []
+        while (frame := self._parser.next()) is not None:
+            out.append(resp.decode(frame[1]))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- the watcher
+
+
+class _Doubt(Exception):
+    """A Sentinel named a node whose ROLE is not master, or that cannot be reached to ask."""
+
+
+class _AuthFailed(ConnectionError):
+    """AUTH was refused: wrong credentials in the URL."""
+
+
+class SentinelWatcher:
+    """Finds the master through the Sentinels and follows its changes. See the module docstring."""
+
+    def __init__(
+        self,
+        upstream: SentinelUpstream,
+        on_switch: SwitchCallback | None = None,
+        *,
+        sentinel_ssl: ssl.SSLContext | None = None,
+        redis_ssl: ssl.SSLContext | None = None,
+        timeout: float = DEFAULT_SENTINEL_TIMEOUT,
+        requery_interval: float = DEFAULT_REQUERY_INTERVAL,
+    ) -> None:
+        self.upstream = upstream
+        self.on_switch = on_switch
+        self._sentinel_ssl = sentinel_ssl
+        self._redis_ssl = redis_ssl
+        self._timeout = timeout
+        self._requery_interval = requery_interval
+        self._current: Address | None = None
+        self._lock = asyncio.Lock()
+        self._doubt = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._subscribed: set[Address] = set()
+        self._role_unchecked_logged = False
+
+    # ------------------------------------------------------------------------ state
+
+    @property
+    def current(self) -> Address | None:
+        """The master as last verified, or None before the first discovery."""
+        return self._current
+
+    @property
+    def subscribed(self) -> frozenset[Address]:
+        """The Sentinels whose ``+switch-master`` subscription is live right now."""
+        return frozenset(self._subscribed)
+
+    def _set_current(self, new: Address, why: str) -> None:
+        """The one place ``current`` changes (callers hold the lock): one on_switch call per change."""
+        old = self._current
+        if new == old:
+            return
+        self._current = new
+        log.warning(
+            "sentinel master changed",
+            extra={
+                "master_name": self.upstream.master_name,
+                "old": None if old is None else format_address(old),
+                "new": format_address(new),
+                "why": why,
+            },
+        )
+        if self.on_switch is not None:
+            try:
+                self.on_switch(old, new)
+            except Exception:
+                log.exception("on_switch callback failed")
+
+    # ------------------------------------------------------------------------ discovery
+
+    async def discover(self) -> Address:
+        """Ask the Sentinels in turn for the master and check it with ROLE; the master's address. Raises
+        SentinelError when none gives a master that checks out. Updates ``current`` (and calls on_switch if it
+        changed)."""
+        async with self._lock:
+            addr, source = await self._ask_sentinels()
+            self._set_current(addr, f"discovered via sentinel {source}")
+            return addr
+
+    async def _ask_sentinels(self) -> tuple[Address, str]:
+        problems: list[str] = []
+        for round_ in range(DISCOVER_ROUNDS):
+            if round_:
+                await asyncio.sleep(DOUBT_PAUSE)
+            doubt = False
+            problems = []
+            for sentinel in self.upstream.addresses:
+                where = format_address(sentinel)
+                try:
+                    addr = await self._ask_one(sentinel)
+                    if addr is None:
+                        problems.append(f"{where} does not know master {self.upstream.master_name!r}")
+                        continue
+                    await self._check_master(addr)
+                    return addr, where
+                except _Doubt as exc:
+                    doubt = True
+                    problems.append(f"{where} {exc}")
+                except (OSError, TimeoutError, ConnectionError, ReplyShapeError, ProtocolError) as exc:
+                    problems.append(f"{where}: {_describe(exc, self._timeout)}")
+            if not doubt:
+                break
+        raise SentinelError(
+            f"no Sentinel gave a usable master for {self.upstream.master_name!r}: " + "; ".join(problems)
+        )
+
+    async def _ask_one(self, sentinel: Address) -> Address | None:
+        up = self.upstream
+        auth = auth_command(up.sentinel_username, up.sentinel_password)
+        cmd = [b"SENTINEL", b"get-master-addr-by-name", up.master_name.encode()]
+        replies = await self._exchange(sentinel, self._sentinel_ssl, auth, [cmd], "Sentinel")
+        return parse_master_addr(replies[0])
+
+    async def _check_master(self, addr: Address) -> None:
+        """Raise _Doubt unless ROLE on ``addr`` says master (OSError and the like if it cannot be reached)."""
+        up = self.upstream
+        try:
+            replies = await self._exchange(
+                addr, self._redis_ssl, auth_command(up.username, up.password), [[b"ROLE"]], "Redis"
+            )
+        except _AuthFailed as exc:  # a configuration problem, not a failover in progress
+            raise ConnectionError(f"named {format_address(addr)}: {exc}") from None
+        except (OSError, TimeoutError, ConnectionError, ProtocolError) as exc:
+            raise _Doubt(
+                f"named {format_address(addr)}, which cannot be checked: {_describe(exc, self._timeout)}"
+            ) from None
+        value = replies[0]
+        if isinstance(value, resp.ErrorReply) and value.startswith(b"NOPERM"):
+            if not self._role_unchecked_logged:
+                self._role_unchecked_logged = True
+                log.warning("ROLE is not permitted to the upstream user: trusting the Sentinels unchecked")
+            return
+        try:
+            role = parse_role(value)
+        except ReplyShapeError as exc:
+            raise ConnectionError(f"named {format_address(addr)}, whose ROLE check failed: {exc}") from None
+        if role != "master":
+            raise _Doubt(f"named {format_address(addr)}, whose ROLE is {role}")
+
+    async def _exchange(
+        self,
+        addr: Address,
+        ssl_context: ssl.SSLContext | None,
+        auth: list[list[bytes]],
+        commands: list[list[bytes]],
+        what: str,
+    ) -> list[resp.Value]:
+        """Open a connection, AUTH, send ``commands``, return their decoded replies; all within the timeout."""
+        async with asyncio.timeout(self._timeout):
+            reader, writer = await asyncio.open_connection(addr[0], addr[1], ssl=ssl_context)
+            try:
+                writer.write(b"".join(resp.encode_command(c) for c in auth + commands))
+                replies = await _read_replies(reader, len(auth) + len(commands))
+            finally:
+                await _close(writer)
+        for reply in replies[: len(auth)]:
+            if isinstance(reply, resp.ErrorReply):
+                raise _AuthFailed(f"{what} AUTH failed: {reply.decode('utf-8', 'replace')}")
+        return replies[len(auth) : len(auth) + len(commands)]
+
+    # ------------------------------------------------------------------------ following
+
+    def start(self) -> None:
+        """Run ``run()`` as a task the watcher owns (``close()`` ends it)."""
+        self._spawn(self.run(), "sentinel-watcher")
+
+    async def run(self) -> None:
+        """Follow the master until ``close()``: one subscription per Sentinel, and the periodic re-query."""
+        children = [
+            self._spawn(self._subscription(s), f"sentinel-subscribe-{format_address(s)}")
+            for s in self.upstream.addresses
+        ]
+        children.append(self._spawn(self._requery_loop(), "sentinel-requery"))
+        try:
+            await self._closed.wait()
+        finally:
+            for task in children:
+                task.cancel()
+            await asyncio.gather(*children, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop following: cancel and await every task the watcher started."""
+        self._closed.set()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("sentinel task failed", extra={"task": task.get_name(), "error": repr(task.exception())})
+
+    async def _requery_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._doubt.wait(), self._requery_interval)
+            self._doubt.clear()
+            try:
+                await self.discover()
+            except SentinelError as exc:
+                log.warning("sentinel re-query failed", extra={"error": str(exc)})
+
+    async def _on_switch_message(self, new: Address, sentinel: Address) -> None:
+        async with self._lock:
+            if new == self._current:
+                return  # another Sentinel's copy of the same event
+            try:
+                await self._check_master(new)
+            except (_Doubt, OSError, TimeoutError, ConnectionError, ReplyShapeError, ProtocolError) as exc:
+                log.warning(
+                    "+switch-master did not check out; re-asking the Sentinels",
+                    extra={"sentinel": format_address(sentinel), "error": str(exc)},
+                )
+                self._doubt.set()
+                return
+            self._set_current(new, f"+switch-master from sentinel {format_address(sentinel)}")
+
+    async def _subscription(self, sentinel: Address) -> None:
+        delay = RECONNECT_MIN
+        while True:
+            try:
+                await self._subscribe_once(sentinel)
+                error = "closed the connection"
+            except (OSError, TimeoutError, ConnectionError, ReplyShapeError, ProtocolError) as exc:
+                error = _describe(exc, self._timeout)
+            if sentinel in self._subscribed:
+                self._subscribed.discard(sentinel)
+                delay = RECONNECT_MIN  # it was up: retry soon
+                self._doubt.set()  # events may be missed until it is back: ask the others
+            log.info(
+                "sentinel subscription lost",
+                extra={"sentinel": format_address(sentinel), "error": error, "retry_in": delay},
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX)
+
+    async def _subscribe_once(self, sentinel: Address) -> None:
+        up = self.upstream
+        auth = auth_command(up.sentinel_username, up.sentinel_password)
+        async with asyncio.timeout(self._timeout):
+            reader, writer = await asyncio.open_connection(sentinel[0], sentinel[1], ssl=self._sentinel_ssl)
+        try:
+            async with asyncio.timeout(self._timeout):
+                writer.write(b"".join(resp.encode_command(c) for c in [*auth, [b"SUBSCRIBE", SWITCH_MASTER]]))
+                parser = ReplyReader()
+                replies = await _read_replies(reader, len(auth) + 1, parser)
+            for reply in replies[: len(auth)]:
+                if isinstance(reply, resp.ErrorReply):
+                    raise _AuthFailed(f"Sentinel AUTH failed: {reply.decode('utf-8', 'replace')}")
+            pubsub_message(replies[len(auth)])  # the subscribe confirmation (raises on an error reply)
+            self._subscribed.add(sentinel)
+            self._doubt.set()  # events before this subscription are unseen: re-ask now
+            log.info("sentinel subscribed", extra={"sentinel": format_address(sentinel)})
+            for value in replies[len(auth) + 1 :]:  # read together with the confirmation
+                await self._on_frame(value, sentinel)
+            pinged = False
+            while True:
+                try:
+                    data = await asyncio.wait_for(
+                        reader.read(65536), self._timeout if pinged else SUBSCRIPTION_PING_INTERVAL
+                    )
+                except TimeoutError:
+                    if pinged:
+                        raise TimeoutError("no answer to PING on the subscription") from None
+                    writer.write(resp.encode_command([b"PING"]))
+                    pinged = True
+                    continue
+                if not data:
+                    return
+                pinged = False
+                parser.feed(data)
+                for value in parser.replies():
+                    await self._on_frame(value, sentinel)
+        finally:
+            self._subscribed.discard(sentinel)
+            await _close(writer)
+
+    async def _on_frame(self, value: resp.Value, sentinel: Address) -> None:
+        message = pubsub_message(value)
+        if message is None or message[0] != SWITCH_MASTER:
+            return
+        switch = parse_switch_master(message[1], self.upstream.master_name)
+        if switch is not None:
+            await self._on_switch_message(switch[1], sentinel)
+
+
+async def _read_replies(
+    reader: asyncio.StreamReader, count: int, parser: ReplyReader | None = None
+) -> list[resp.Value]:
+    parser = parser or ReplyReader()
+    replies: list[resp.Value] = []
+    while len(replies) < count:
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionError("closed the connection")
+        parser.feed(data)
+        replies += parser.replies()
+    return replies
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, ConnectionError, TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return str(exc) or f"timed out after {timeout:g}s"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return str(exc) or type(exc).__name__
