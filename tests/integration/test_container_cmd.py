@@ -1,0 +1,140 @@
+"""The container's command line, run outside a container (no Docker engine here) against a real Redis.
+
+The command is read from the Dockerfile: ENTRYPOINT + CMD, the image's ENV, and the config file the image bakes at
+BROKERPROXY_CONFIG (written to a temporary directory). The only changes are the ones a deployment makes through
+the environment: the listen addresses (loopback and free ports here, where the image says 0.0.0.0 and fixed ports)
+and the upstream. The HEALTHCHECK is run as Docker would run it, then SIGTERM must drain and exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import RedisServer, free_port, wait_for_port
+from tests.unit.test_container import DOCKERFILE, Dockerfile, baked_files, healthcheck_command, parse_dockerfile
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def image() -> Dockerfile:
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+def command(df: Dockerfile) -> list[str]:
+    """ENTRYPOINT + CMD as Docker joins them, with the entry point found in this venv (the image's PATH has
+    /opt/brokerproxy/bin first, where pip put the same console script)."""
+    entry = df.final.last("ENTRYPOINT")
+    cmd = df.final.last("CMD")
+    assert entry is not None and cmd is not None
+    argv = [*(entry.exec_form() or []), *(cmd.exec_form() or [])]
+    script = BIN / argv[0]
+    assert script.exists(), f"{argv[0]} is not installed as a console script in {BIN}"
+    return [str(script), *argv[1:]]
+
+
+def environment(df: Dockerfile, root: Path, **overrides: str) -> dict[str, str]:
+    """The process environment the image gives, with its config file placed under ``root``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKERPROXY_")}
+    for key, value in df.final.env().items():
+        if key != "PATH":
+            env[key] = value
+    config = env["BROKERPROXY_CONFIG"]
+    local = root / config.lstrip("/")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_text(baked_files(df.final)[config])
+    env["BROKERPROXY_CONFIG"] = str(local)
+    env.update(overrides)
+    return env
+
+
+def run_healthcheck(df: Dockerfile, env: dict[str, str]) -> int:
+    argv = healthcheck_command(df.final)
+    assert argv is not None and argv[0] == "python"
+    return subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=20).returncode
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_image_command_serves_answers_its_healthcheck_and_drains_on_sigterm(
+    image: Dockerfile, redis_server: RedisServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    port, metrics_port = free_port(), free_port()
+    env = environment(
+        image,
+        tmp_path,
+        BROKERPROXY_LISTEN=f"127.0.0.1:{port}",
+        BROKERPROXY_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
+        BROKERPROXY_UPSTREAM=redis_server.url(),
+    )
+    log = tmp_path / "proxy.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command(image), env=env, stdout=out, stderr=subprocess.STDOUT)
+    processes.append(proc)
+    wait_for_port(port, proc=proc)
+    wait_for_port(metrics_port, proc=proc)
+
+    assert http_get(metrics_port, "/healthz")[0] == 200
+    deadline = time.monotonic() + 10
+    while http_get(metrics_port, "/readyz")[0] != 200:  # the first upstream PING comes right after start
+        assert time.monotonic() < deadline, http_get(metrics_port, "/readyz")
+        time.sleep(0.05)
+    client = redis.Redis(port=port, protocol=3)
+    assert client.ping() is True
+    client.set("container:probe", "ok")
+    assert redis_server.client().get("container:probe") == b"ok"
+    client.close()
+
+    # Docker's HEALTHCHECK, as the image defines it: the port from BROKERPROXY_METRICS_LISTEN…
+    assert run_healthcheck(image, env) == 0
+    # …or, without that variable, from the mounted config file's metrics_listen
+    mounted = tmp_path / "mounted.toml"
+    mounted.write_text(f'metrics_listen = "0.0.0.0:{metrics_port}"\n')
+    file_env = {k: v for k, v in env.items() if k != "BROKERPROXY_METRICS_LISTEN"}
+    assert run_healthcheck(image, {**file_env, "BROKERPROXY_CONFIG": str(mounted)}) == 0
+
+    stop = image.final.last("STOPSIGNAL")
+    assert stop is not None
+    proc.send_signal(getattr(signal, stop.args.strip()))
+    assert proc.wait(30) == 0, log.read_text()
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines() if line.startswith("{")]
+    assert events[0] == "starting" and events[-1] == "stopped", events
+    assert run_healthcheck(image, env) != 0  # and the healthcheck can fail: nothing answers now
+
+
+def test_the_image_defaults_alone_exit_2_naming_protected_mode(
+    image: Dockerfile, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """0.0.0.0 with no users is refused before anything listens: the safe default of the image."""
+    env = environment(image, tmp_path, BROKERPROXY_UPSTREAM=redis_server.url())
+    result = subprocess.run(command(image), env=env, capture_output=True, timeout=30)
+    assert result.returncode == 2, result
+    assert b"protected_mode" in result.stderr
