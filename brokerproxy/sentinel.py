@@ -5,12 +5,16 @@ The upstream is given as a ``sentinel://`` URL (``sentinel_url.py`` parses it an
 
 Theory of operation
 -------------------
-``SentinelWatcher.discover()`` asks each Sentinel in turn ``SENTINEL get-master-addr-by-name <name>`` (after AUTH,
-with a bounded time per Sentinel) and checks the answer on the data node itself: ``ROLE`` must say ``master``.
-A Sentinel that is down, times out, does not know the name, or names a node that is not (or not yet) a master is
-skipped; when some named a node whose role disagreed (a failover in progress), the whole round is asked once more
-after a short pause. Nothing usable: ``SentinelError`` listing what each Sentinel said. If the data node refuses
-``ROLE`` with ``-NOPERM`` (an ACL user without ``@admin``), the Sentinel's word is taken unchecked.
+``SentinelWatcher.discover()`` asks every Sentinel at once (after AUTH, each within a bounded time)
+``SENTINEL get-master-addr-by-name <name>`` and, for its config epoch, ``SENTINEL MASTER <name>``. The address named
+with the highest epoch wins, as among the Sentinels themselves: right after a failover a Sentinel that has not
+heard of it yet names the old master, and a demoted master that is still alive keeps saying "master" for several
+seconds until the Sentinels reconfigure it (measured: over 8 s after ``SENTINEL FAILOVER``), so neither "first
+Sentinel that answers" nor ``ROLE`` alone would do. The winner is checked on the data node itself: ``ROLE`` must
+say ``master``. Sentinels that are down, time out or do not know the name are skipped; when the winner cannot be
+checked or is not (yet) a master, the whole round is asked once more after a short pause. Nothing usable:
+``SentinelError`` listing what each Sentinel said. If the data node refuses ``ROLE`` with ``-NOPERM`` (an ACL user
+without ``@admin``), the Sentinels' word is taken unchecked.
 
 ``run()`` keeps one ``SUBSCRIBE +switch-master`` connection per Sentinel (reconnecting with bounded backoff; a PING
 on an idle subscription finds a half-open one) and re-asks the Sentinels every ``requery_interval`` seconds and at
@@ -46,8 +50,8 @@ from .sentinel_url import (
 
 __all__ = [
     "DEFAULT_SENTINEL_PORT", "Address", "SentinelError", "SentinelUpstream", "SentinelWatcher", "SwitchCallback",
-    "format_address", "parse_master_addr", "parse_role", "parse_sentinel_url", "parse_switch_master",
-    "pubsub_message",
+    "format_address", "parse_config_epoch", "parse_master_addr", "parse_role", "parse_sentinel_url",
+    "parse_switch_master", "pubsub_message",
 ]  # fmt: skip
 
 log = logging.getLogger("brokerproxy.sentinel")
@@ -100,6 +104,25 @@ def parse_master_addr(value: resp.Value) -> Address | None:
     if not host or not 0 < port_n < 65536:
         raise ReplyShapeError(f"not an address: {value!r}")
     return host.decode("utf-8", "replace"), port_n
+
+
+def parse_config_epoch(value: resp.Value) -> int:
+    """The ``config-epoch`` field of ``SENTINEL MASTER <name>`` (a flat field/value array in RESP2, a map in
+    RESP3); -1 when the reply is an error (an ACL that allows only get-master-addr-by-name) or lacks it."""
+    fields: dict[bytes, resp.Value] = {}
+    if isinstance(value, list):
+        for i in range(0, len(value) - 1, 2):
+            key = value[i]
+            if isinstance(key, bytes):
+                fields[key] = value[i + 1]
+    elif isinstance(value, dict):
+        fields = {k: v for k, v in value.items() if isinstance(k, bytes)}
+    epoch = fields.get(b"config-epoch")
+    if isinstance(epoch, int):
+        return epoch
+    if isinstance(epoch, bytes) and epoch.isdigit():
+        return int(epoch)
+    return -1
 
 
 def parse_role(value: resp.Value) -> str:
@@ -241,38 +264,59 @@ class SentinelWatcher:
             return addr
 
     async def _ask_sentinels(self) -> tuple[Address, str]:
+        up = self.upstream
         problems: list[str] = []
         for round_ in range(DISCOVER_ROUNDS):
             if round_:
                 await asyncio.sleep(DOUBT_PAUSE)
             doubt = False
             problems = []
-            for sentinel in self.upstream.addresses:
+            answers = await asyncio.gather(*(self._ask_one(s) for s in up.addresses), return_exceptions=True)
+            # Each address named, with the highest config epoch any Sentinel gave it and the first Sentinel to name it.
+            named: dict[Address, tuple[int, str]] = {}
+            for sentinel, answer in zip(up.addresses, answers, strict=True):
                 where = format_address(sentinel)
-                try:
-                    addr = await self._ask_one(sentinel)
-                    if addr is None:
-                        problems.append(f"{where} does not know master {self.upstream.master_name!r}")
+                if isinstance(answer, (OSError, TimeoutError, ConnectionError, ReplyShapeError, ProtocolError)):
+                    problems.append(f"{where}: {_describe(answer, self._timeout)}")
+                elif isinstance(answer, BaseException):
+                    raise answer
+                elif answer is None:
+                    problems.append(f"{where} does not know master {up.master_name!r}")
+                else:
+                    addr, epoch = answer
+                    if addr not in named or epoch > named[addr][0]:
+                        named[addr] = (epoch, named[addr][1] if addr in named else where)
+            if named:
+                # The configuration with the highest epoch wins, as among the Sentinels themselves: a Sentinel
+                # that has not heard of a failover yet names the old master, which may still say "master" for
+                # a while (a demoted master that is alive is reconfigured as a replica only seconds later).
+                top = max(epoch for epoch, _ in named.values())
+                for addr, (epoch, where) in named.items():
+                    if epoch < top:
+                        problems.append(f"{where} named {format_address(addr)} with an older config epoch {epoch}")
                         continue
-                    await self._check_master(addr)
-                    return addr, where
-                except _Doubt as exc:
-                    doubt = True
-                    problems.append(f"{where} {exc}")
-                except (OSError, TimeoutError, ConnectionError, ReplyShapeError, ProtocolError) as exc:
-                    problems.append(f"{where}: {_describe(exc, self._timeout)}")
+                    try:
+                        await self._check_master(addr)
+                        return addr, where
+                    except _Doubt as exc:
+                        doubt = True
+                        problems.append(f"{where} {exc}")
+                    except (OSError, TimeoutError, ConnectionError, ReplyShapeError, ProtocolError) as exc:
+                        problems.append(f"{where}: {_describe(exc, self._timeout)}")
             if not doubt:
                 break
-        raise SentinelError(
-            f"no Sentinel gave a usable master for {self.upstream.master_name!r}: " + "; ".join(problems)
-        )
+        raise SentinelError(f"no Sentinel gave a usable master for {up.master_name!r}: " + "; ".join(problems))
 
-    async def _ask_one(self, sentinel: Address) -> Address | None:
+    async def _ask_one(self, sentinel: Address) -> tuple[Address, int] | None:
+        """The master one Sentinel names, with its config epoch (-1 if SENTINEL MASTER is refused); None if the
+        Sentinel does not know the name."""
         up = self.upstream
         auth = auth_command(up.sentinel_username, up.sentinel_password)
-        cmd = [b"SENTINEL", b"get-master-addr-by-name", up.master_name.encode()]
-        replies = await self._exchange(sentinel, self._sentinel_ssl, auth, [cmd], "Sentinel")
-        return parse_master_addr(replies[0])
+        name = up.master_name.encode()
+        commands = [[b"SENTINEL", b"get-master-addr-by-name", name], [b"SENTINEL", b"MASTER", name]]
+        replies = await self._exchange(sentinel, self._sentinel_ssl, auth, commands, "Sentinel")
+        addr = parse_master_addr(replies[0])
+        return None if addr is None else (addr, parse_config_epoch(replies[1]))
 
     async def _check_master(self, addr: Address) -> None:
         """Raise _Doubt unless ROLE on ``addr`` says master (OSError and the like if it cannot be reached)."""
