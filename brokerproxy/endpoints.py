@@ -1,4 +1,4 @@
-"""The HTTP listener for Prometheus and Kubernetes probes: ``/metrics``, ``/healthz``, ``/readyz``.
+"""The HTTP listener for Prometheus, Kubernetes probes and people: ``/metrics``, ``/healthz``, ``/readyz``, ``/``.
 
 A deliberately tiny HTTP/1.1 server on asyncio streams: GET and HEAD, keep-alive, no request bodies, no
 framework. Nothing it does blocks the event loop the proxy runs on: rendering the exposition reads plain counters
@@ -8,6 +8,9 @@ malicious scraper holds one bounded buffer and then is dropped.
 * ``/metrics``: the registry's exposition, OpenMetrics when the ``Accept`` header asks for it (``metrics.render``);
 * ``/healthz``: 200 ``ok`` while the process serves;
 * ``/readyz``: 200 when the ``ready()`` callback says so, else 503; the body is the callback's one-line reason;
+* ``/api/status``: the status source's snapshot as JSON (``status.py``), and ``/``: the status page that polls it
+  (``status_page.html``, self-contained: no external scripts, styles or fonts, so it works air-gapped); both only
+  when a status source is given, which the endpoint also samples every ``status.interval`` seconds for the history;
 * anything else: 404; a method other than GET/HEAD: 405; a malformed or oversized request: 400/431, then close.
 """
 
@@ -15,8 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
 
 from prometheus_client import CollectorRegistry
 
@@ -53,6 +60,19 @@ _REASONS = {
     503: "Service Unavailable",
 }
 _TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json"
+_HTML = "text/html; charset=utf-8"
+#: The status page loads nothing from anywhere but this listener: a browser enforces it, and a copy of the page saved
+#: or served elsewhere cannot be made to fetch from another origin either.
+_PAGE_HEADERS = [
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+]
 
 # What became of a connection after one request.
 _KEEP = 0  # keep-alive: wait for the next request
@@ -61,6 +81,21 @@ _DROP = 2  # nothing (more) to answer: close at once
 
 ReadyCheck = Callable[[], tuple[bool, str]]
 Renderer = Callable[[CollectorRegistry, str | None], tuple[bytes, str]]
+
+
+class StatusSource(Protocol):
+    """What ``/api/status`` serves (``status.StatusBoard``): a snapshot, and a history sampled on a timer."""
+
+    interval: float
+
+    def snapshot(self, query: Mapping[str, str] | None = None) -> dict[str, Any]: ...
+
+    def sample(self) -> None: ...
+
+
+def status_page() -> bytes:
+    """The status page, shipped as package data next to this module."""
+    return importlib.resources.files(__package__ or "brokerproxy").joinpath("status_page.html").read_bytes()
 
 
 class _BadRequest(Exception):
@@ -78,6 +113,7 @@ class HTTPEndpoints:
         ready: ReadyCheck,
         *,
         render: Renderer = metrics.render,
+        status: StatusSource | None = None,
         max_request_head: int = MAX_REQUEST_HEAD,
         head_timeout: float = HEAD_TIMEOUT,
         write_timeout: float = WRITE_TIMEOUT,
@@ -87,6 +123,10 @@ class HTTPEndpoints:
         self.registry = registry
         self.ready = ready
         self.render = render
+        self.status = status
+        self._page = status_page() if status is not None else b""
+        self._closing = asyncio.Event()
+        self._sampler: asyncio.Task[None] | None = None
         self.max_request_head = max_request_head
         self.head_timeout = head_timeout
         self.write_timeout = write_timeout
@@ -104,6 +144,22 @@ class HTTPEndpoints:
         for sock in self._server.sockets:
             name = sock.getsockname()
             log.info("metrics endpoint listening", extra={"address": f"{name[0]}:{name[1]}"})
+        if self.status is not None and self._sampler is None:
+            self._closing.clear()
+            self._sampler = asyncio.get_running_loop().create_task(self._sample(self.status), name="status sampler")
+
+    async def _sample(self, status: StatusSource) -> None:
+        """The status history: one sample now, then one every ``status.interval`` seconds until close()."""
+        while True:
+            try:
+                status.sample()
+            except Exception:  # a broken sample must not end the history, nor the listener
+                log.exception("status sample failed")
+            try:
+                await asyncio.wait_for(self._closing.wait(), status.interval)
+                return
+            except TimeoutError:
+                continue
 
     @property
     def ports(self) -> list[int]:
@@ -116,6 +172,10 @@ class HTTPEndpoints:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        self._closing.set()
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            await sampler
         for writer in list(self._writers):
             writer.close()  # a handler waiting for a request reads EOF and returns
         if self._handlers:
@@ -201,17 +261,17 @@ class HTTPEndpoints:
         connection = headers.get("connection", "").lower()
         keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
         head_only = method == "HEAD"
-        path = target.split("?", 1)[0]
+        path, _, query = target.partition("?")
         if method not in ("GET", "HEAD"):
             status, body, ctype = 405, b"only GET and HEAD\n", _TEXT
             extra = [("Allow", "GET, HEAD")]
         else:
-            extra = []
-            status, body, ctype = self._route(path, headers.get("accept"))
+            extra = _PAGE_HEADERS if path == "/" and self.status is not None else []
+            status, body, ctype = self._route(path, headers.get("accept"), query)
         await self._respond(writer, status, body, ctype, close=not keep_alive, head_only=head_only, extra=extra)
         return _KEEP if keep_alive else _CLOSE
 
-    def _route(self, path: str, accept: str | None) -> tuple[int, bytes, str]:
+    def _route(self, path: str, accept: str | None, query: str = "") -> tuple[int, bytes, str]:
         if path == "/metrics":
             try:
                 body, ctype = self.render(self.registry, accept)
@@ -228,6 +288,17 @@ class HTTPEndpoints:
                 ok, reason = False, f"readiness check failed: {exc!r}"
             line = " ".join(reason.split()) or ("ready" if ok else "not ready")
             return (200 if ok else 503), line.encode("utf-8", "replace") + b"\n", _TEXT
+        if self.status is not None:
+            if path == "/api/status":
+                try:
+                    snapshot = self.status.snapshot(dict(parse_qsl(query)))
+                    body = json.dumps(snapshot, separators=(",", ":"), allow_nan=False).encode()
+                except Exception:
+                    log.exception("building the status failed")
+                    return 500, b"building the status failed\n", _TEXT
+                return 200, body, _JSON
+            if path == "/":
+                return 200, self._page, _HTML
         return 404, b"not found\n", _TEXT
 
     async def _respond(
