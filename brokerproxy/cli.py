@@ -1,18 +1,33 @@
-"""Command line: flags, environment, logging set-up, exit codes. The only module that exits."""
+"""Command line: flags, environment, logging set-up, exit codes. The only module that exits.
+
+``brokerproxy [flags]`` runs the proxy. Three subcommands, dispatched on the first argument before the proxy's own
+parser sees it (so the flag-only command line stays exactly as it was):
+
+* ``brokerproxy check-config FILE``: load FILE (and the BROKERPROXY_* environment) as the proxy would, print the
+  effective config as JSON with every secret masked, exit 0; or exit 2 with the error naming the key;
+* ``brokerproxy hash-password``: one password from stdin (not echoed on a terminal) -> ``#<sha256 hex>``;
+* ``brokerproxy status [--metrics-url URL]``: a one-screen summary of ``/api/status``; exit 1 when unreachable.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import getpass
+import hashlib
 import json
 import logging
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__
-from .config import DEFAULT_LISTEN, DEFAULT_UPSTREAM, LOG_LEVELS, Config, load
+from .config import DEFAULT_LISTEN, DEFAULT_UPSTREAM, LOG_LEVELS, Address, Config, Upstream, load
 from .errors import ConfigError
 from .server import Server
 
@@ -20,6 +35,12 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_START = 3
 EXIT_DRAIN_TIMEOUT = 4
+#: ``brokerproxy status``: the metrics listener could not be reached or did not answer with a status.
+EXIT_UNREACHABLE = 1
+#: ``brokerproxy hash-password``: no password, or the two entries on a terminal differ.
+EXIT_USAGE = 2
+
+DEFAULT_METRICS_URL = "http://127.0.0.1:9180"
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -45,9 +66,18 @@ class JsonFormatter(logging.Formatter):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="brokerproxy",
-        description="A RESP proxy in front of Redis for Celery and Airflow. Every flag can also be set in the "
-        "config file or as BROKERPROXY_<FLAG> (for example BROKERPROXY_UPSTREAM); flags win over the environment, "
-        "which wins over the file.",
+        usage="%(prog)s [options]\n       %(prog)s {check-config,hash-password,status} ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A RESP proxy in front of Redis for Celery and Airflow. Every flag can also be set in the\n"
+        "config file or as BROKERPROXY_<FLAG> (for example BROKERPROXY_UPSTREAM); flags win over the\n"
+        "environment, which wins over the file.",
+        epilog="subcommands (each has its own --help):\n"
+        "  check-config FILE     validate a config file (with the BROKERPROXY_* environment) and print the\n"
+        "                        effective config as JSON, secrets masked; exit 2 naming the bad key\n"
+        "  hash-password         read a password from stdin, print #<sha256> for an ACL file\n"
+        "  status [--metrics-url URL]\n"
+        "                        summary of queues and health from a running proxy's /api/status\n"
+        f"                        (default {DEFAULT_METRICS_URL})",
     )
     p.add_argument(
         "--listen",
@@ -78,7 +108,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
-        help="address for /metrics, /healthz and /readyz (default: no metrics listener, no observation)",
+        help="address for /metrics, /healthz, /readyz and the status page (/, /api/status) (default: none, and no "
+        "observation)",
     )
     p.add_argument("--version", action="version", version=f"brokerproxy {__version__}")
     return p
@@ -130,6 +161,9 @@ async def _run(config: Config, reload: Callable[[], Config]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[args[0]](args[1:])
     try:
         config = build_config(argv, dict(os.environ))
     except ConfigError as exc:
@@ -145,3 +179,257 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     finally:
         loop.close()
+
+
+# ---------------------------------------------------------------------------------------------------- check-config
+
+MASK = "***"
+#: Field names that hold secrets even where the dataclass shows them: password digests too (the SHA-256 of a weak
+#: password falls to a dictionary attack).
+_SECRET_WORDS = ("password", "passphrase", "secret")
+#: ...but a field naming where a secret is kept (a file path, an environment variable's name) is not one.
+_SECRET_POINTERS = ("_file", "_env")
+
+
+def _is_secret(f: dataclasses.Field[Any]) -> bool:
+    if f.name.endswith(_SECRET_POINTERS):
+        return False
+    return not f.repr or any(word in f.name for word in _SECRET_WORDS)
+
+
+def _mask(value: Any) -> Any:
+    if value is None or value == "" or value == ():
+        return value
+    if isinstance(value, (list, tuple)):
+        return [MASK] * len(value)
+    return MASK
+
+
+def mask_acl_rule(rule: str) -> str:
+    """An ACL rule line with its passwords (``>pw``, ``<pw``) and password digests (``#hex``, ``!hex``) masked."""
+    return " ".join(t[0] + MASK if t[:1] in (">", "<", "#", "!") and len(t) > 1 else t for t in rule.split(" "))
+
+
+def effective_config(value: Any, name: str = "") -> Any:
+    """The config as plain JSON values, every secret masked (see ``_is_secret``; inline ACL rules token by token)."""
+    if isinstance(value, Address):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if f.name == "acl_users":  # the parsed users (their rules hold digests): their names and state only
+                out["effective_users"] = [
+                    {"name": getattr(u, "name", "?"), "enabled": bool(getattr(u, "enabled", False))} for u in item
+                ]
+            elif _is_secret(f):
+                out[f.name] = _mask(item)
+            elif f.name == "rules" and isinstance(item, (list, tuple)):
+                out[f.name] = [mask_acl_rule(str(r)) for r in item]
+            else:
+                out[f.name] = effective_config(item, f.name)
+        if isinstance(value, Upstream):
+            out["url"] = str(value)  # Upstream.__str__ never shows the password
+        return out
+    if isinstance(value, dict):
+        return {str(k): effective_config(v, name) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [effective_config(v, name) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, bytes):
+        return MASK  # only digests are bytes in the config
+    return str(value)
+
+
+def check_config(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="brokerproxy check-config",
+        description="Load a config file as the proxy would (with the BROKERPROXY_* environment applied), and print "
+        "the effective config as JSON with every password, password digest and upstream password masked. Exit 0 "
+        "when it is valid, 2 with the error (naming the key) when it is not.",
+    )
+    p.add_argument("file", metavar="FILE", help="the TOML config file")
+    args = p.parse_args(argv)
+    try:
+        config = load(args.file, dict(os.environ))
+    except ConfigError as exc:
+        print(f"brokerproxy: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(effective_config(config), indent=2))
+    print(f"brokerproxy: {args.file} is valid", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------- hash-password
+
+
+def hash_password(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="brokerproxy hash-password",
+        description="Read one password from stdin (the first line; not echoed, and asked twice, on a terminal) and "
+        "print its SHA-256 as an ACL file takes it: #<64 hex digits>. In [[users]] and [[acl.roles]], "
+        "password_sha256 takes the digits without the #.",
+    )
+    p.parse_args(argv)
+    if sys.stdin.isatty():
+        try:
+            first = getpass.getpass("Password: ")
+            again = getpass.getpass("Again: ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return EXIT_USAGE
+        if first != again:
+            print("brokerproxy: the two passwords differ", file=sys.stderr)
+            return EXIT_USAGE
+        password = first.encode()
+    else:
+        password = sys.stdin.buffer.readline().rstrip(b"\r\n")
+    if not password:
+        print("brokerproxy: no password on stdin", file=sys.stderr)
+        return EXIT_USAGE
+    print("#" + hashlib.sha256(password).hexdigest())
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------- status
+
+#: Rows of the summary: it must fit one screen.
+SUMMARY_QUEUES = 12
+SUMMARY_TASKS = 8
+
+
+def fetch_status(base: str, timeout: float) -> dict[str, Any]:
+    """GET <base>/api/status?history=0, straight (no HTTP proxy from the environment: the listener is local or
+    in-cluster). Raises OSError (urllib.error.URLError is one) or ValueError."""
+    url = base.rstrip("/") + "/api/status?history=0"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=timeout) as response:
+        body = response.read()
+    data = json.loads(body)
+    if not isinstance(data, dict) or "queues" not in data or "upstream" not in data:
+        raise ValueError("the answer is not a brokerproxy status")
+    return data
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1:
+        return f"{s * 1000:.0f} ms" if s >= 0.01 else f"{s * 1000:.1f} ms"
+    if s < 60:
+        return f"{s:.2f} s" if s < 10 else f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _rate(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}" if r < 100 else f"{r:.0f}"
+
+
+def _uptime(s: float) -> str:
+    s = int(s)
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s"
+
+
+def _cut(name: str, width: int) -> str:
+    return name if len(name) <= width else name[: width - 1] + "~"
+
+
+def summary(data: dict[str, Any], source: str) -> str:
+    """The one-screen terminal summary of a status snapshot."""
+    up = data["upstream"]
+    sec = data["security"]
+    conns = data["connections"]
+    state = "up" if up["up"] else "DOWN"
+    ready = "draining" if up["draining"] else "ready" if up["ready"] else f"NOT READY ({up['reason']})"
+    listeners = ", ".join(f"{k} {v}" for k, v in conns["by_listener"].items())
+    denials = sum(d["count"] for d in sec["acl_denials"])
+    protocol = sum(sec["protocol_errors"].values())
+    lines = [
+        f"brokerproxy {data['version']} at {source}, up {_uptime(data['uptime'])}",
+        f"upstream {up['address']}: {state}, {ready}",
+        f"workers online {data['workers_online']} | client connections {conns['open']}"
+        + (f" ({listeners})" if listeners else "")
+        + f" | auth failures {sec['auth_failures']} | ACL denials {denials} | protocol errors {protocol}",
+        "",
+    ]
+    queues = sorted(data["queues"], key=lambda q: (-(q["depth"] or 0), q["name"]))
+    window = data.get("rate_window")
+    head = ("QUEUE", "DEPTH", "PUB/S", "CONS/S", "WAIT P50", "WAIT P95", "CONSUMERS", "PUBLISHED", "CONSUMED")
+    fmt = "{:<24} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10}"
+    lines.append(fmt.format(*head))
+    for q in queues[:SUMMARY_QUEUES]:
+        lines.append(
+            fmt.format(
+                _cut(q["name"], 24), "-" if q["depth"] is None else q["depth"], _rate(q["publish_rate"]),
+                _rate(q["consume_rate"]), _seconds(q["wait"]["p50"]), _seconds(q["wait"]["p95"]), q["consumers"],
+                q["published"], q["consumed"],
+            )
+        )  # fmt: skip
+    if not queues:
+        lines.append("(no queue seen yet)")
+    elif len(queues) > SUMMARY_QUEUES:
+        lines.append(f"... and {len(queues) - SUMMARY_QUEUES} more queues (the deepest are shown)")
+    if window:
+        lines.append(f"rates over the last {window:.0f} s")
+    lines.append("")
+    tasks = sorted(data["tasks"], key=lambda t: (-t["published"], t["name"]))
+    tfmt = "{:<32} {:>10} {:>8} {:>8} {:>6} {:>6} {:>11}"
+    lines.append(tfmt.format("TASK", "PUBLISHED", "SUCCESS", "FAILURE", "RETRY", "OTHER", "RUNTIME P95"))
+    for t in tasks[:SUMMARY_TASKS]:
+        r = t["results"]
+        other = sum(n for state, n in r.items() if state not in ("SUCCESS", "FAILURE", "RETRY", "STARTED"))
+        lines.append(
+            tfmt.format(
+                _cut(t["name"], 32), t["published"], r.get("SUCCESS", 0), r.get("FAILURE", 0), r.get("RETRY", 0),
+                other, _seconds(t["runtime"]["p95"]),
+            )
+        )  # fmt: skip
+    if not tasks:
+        lines.append("(no task seen yet)")
+    elif len(tasks) > SUMMARY_TASKS:
+        lines.append(f"... and {len(tasks) - SUMMARY_TASKS} more tasks")
+    return "\n".join(lines)
+
+
+def status(argv: Sequence[str]) -> int:
+    default = os.environ.get("BROKERPROXY_METRICS_URL", DEFAULT_METRICS_URL)
+    p = argparse.ArgumentParser(
+        prog="brokerproxy status",
+        description="A one-screen summary of queues and health, from a running proxy's /api/status (the proxy "
+        "must run with --metrics-listen). Exit 0 when it answered, 1 when it cannot be reached.",
+    )
+    p.add_argument(
+        "--metrics-url",
+        metavar="URL",
+        default=default,
+        help=f"the proxy's metrics listener (default {DEFAULT_METRICS_URL}; env BROKERPROXY_METRICS_URL)",
+    )
+    p.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0, help="bound on the request (default 5)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON instead")
+    args = p.parse_args(argv)
+    base = args.metrics_url if "://" in args.metrics_url else "http://" + args.metrics_url
+    try:
+        data = fetch_status(base, args.timeout)
+    except urllib.error.HTTPError as exc:
+        hint = " (is it a brokerproxy metrics listener, of a version with the status page?)" if exc.code == 404 else ""
+        print(f"brokerproxy: {base}/api/status answered HTTP {exc.code}{hint}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except urllib.error.URLError as exc:
+        print(f"brokerproxy: cannot reach the metrics listener at {base}: {exc.reason}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (OSError, ValueError) as exc:
+        print(f"brokerproxy: cannot read the status from {base}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(json.dumps(data, indent=2) if args.json else summary(data, base))
+    return EXIT_OK
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "check-config": check_config,
+    "hash-password": hash_password,
+    "status": status,
+}
