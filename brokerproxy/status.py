@@ -323,9 +323,7 @@ class StatusBoard:
             ready, reason = s.ready()
         except Exception as exc:  # as /readyz: a failing check means not ready
             ready, reason = False, f"readiness check failed: {exc!r}"
-        clients = tuple(
-            Client(conn.user, str(getattr(conn, "listener", "main"))) for conn in list(s.open_connections)
-        )
+        clients = tuple(Client(conn.user, str(getattr(conn, "listener", "main"))) for conn in list(s.open_connections))
         return Facts(
             upstream=str(s.config.upstream),
             ready=ready,
