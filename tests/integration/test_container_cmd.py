@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 
 from tests.conftest import RedisServer, free_port, wait_for_port
 from tests.unit.test_container import DOCKERFILE, Dockerfile, baked_files, healthcheck_command, parse_dockerfile
@@ -138,3 +139,54 @@ def test_the_image_defaults_alone_exit_2_naming_protected_mode(
     result = subprocess.run(command(image), env=env, capture_output=True, timeout=30)
     assert result.returncode == 2, result
     assert b"protected_mode" in result.stderr
+
+
+def test_the_sidecar_prestop_waits_for_the_pods_clients_to_leave(
+    image: Dockerfile, redis_server: RedisServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """deploy/kubernetes/airflow-worker-sidecar.yaml's preStop, run as the kubelet runs it (with the metrics port
+    moved to a free one): it returns only once no client is connected, so an ordinary-container sidecar keeps the
+    broker up through the worker's warm shutdown."""
+    manifest = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "airflow-worker-sidecar.yaml"
+    deployment = next(d for d in yaml.safe_load_all(manifest.read_text()) if d and d["kind"] == "Deployment")
+    sidecar = next(c for c in deployment["spec"]["template"]["spec"]["initContainers"] if c["name"] == "brokerproxy")
+    argv = sidecar["lifecycle"]["preStop"]["exec"]["command"]
+    assert argv[:2] == ["python", "-c"]
+
+    port, metrics_port = free_port(), free_port()
+    env = environment(
+        image,
+        tmp_path,
+        BROKERPROXY_LISTEN=f"127.0.0.1:{port}",
+        BROKERPROXY_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
+        BROKERPROXY_UPSTREAM=redis_server.url(),
+    )
+    proc = subprocess.Popen(command(image), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes.append(proc)
+    wait_for_port(port, proc=proc)
+    wait_for_port(metrics_port, proc=proc)
+
+    worker = redis.Redis(port=port)
+    assert worker.ping() is True
+    code = argv[2].replace("127.0.0.1:9180", f"127.0.0.1:{metrics_port}")
+    assert code != argv[2]
+    hook = subprocess.Popen([sys.executable, "-c", code, "60"])
+    processes.append(hook)
+    time.sleep(1.5)  # the hook has looked at least once
+    assert hook.poll() is None, "the preStop hook returned while a client was still connected"
+    worker.close()
+    assert hook.wait(10) == 0
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+    # bounded: with a client that never leaves, the hook gives up after its limit
+    proc = subprocess.Popen(command(image), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes.append(proc)
+    wait_for_port(port, proc=proc)
+    wait_for_port(metrics_port, proc=proc)
+    stuck = redis.Redis(port=port)
+    stuck.ping()
+    started = time.monotonic()
+    assert subprocess.run([sys.executable, "-c", code, "1.5"], timeout=30).returncode == 0
+    assert 1.4 < time.monotonic() - started < 10
+    stuck.close()
