@@ -19,8 +19,10 @@ without ``@admin``), the Sentinels' word is taken unchecked.
 ``run()`` keeps one ``SUBSCRIBE +switch-master`` connection per Sentinel (reconnecting with bounded backoff; a PING
 on an idle subscription finds a half-open one) and re-asks the Sentinels every ``requery_interval`` seconds and at
 once after any doubt (a subscription (re)established, so events may have been missed; an event whose new master
-does not check out). Every change of ``current`` goes through one lock and one comparison, so the three Sentinels'
-copies of one ``+switch-master`` and the re-query that finds the same master make one ``on_switch(old, new)`` call.
+does not check out). Every change of ``current`` goes through one comparison, so the three Sentinels' copies of one
+``+switch-master`` and the re-query that finds the same master make one ``on_switch(old, new)`` call; no lock is
+held across a network call, and a check that took time applies its result only if nothing else changed ``current``
+meanwhile (a generation counter).
 ``old`` is None the first time a master becomes known. ``close()`` cancels and awaits every task the watcher
 started.
 
@@ -212,7 +214,9 @@ class SentinelWatcher:
         self._timeout = timeout
         self._requery_interval = requery_interval
         self._current: Address | None = None
-        self._lock = asyncio.Lock()
+        #: Bumped at every change of ``current``: a check that took time applies its result only if nothing else
+        #: changed ``current`` meanwhile (no lock held across network calls, so no event waits behind a slow one).
+        self._generation = 0
         self._doubt = asyncio.Event()
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -232,11 +236,12 @@ class SentinelWatcher:
         return frozenset(self._subscribed)
 
     def _set_current(self, new: Address, why: str) -> None:
-        """The one place ``current`` changes (callers hold the lock): one on_switch call per change."""
+        """The one place ``current`` changes: one on_switch call per change."""
         old = self._current
         if new == old:
             return
         self._current = new
+        self._generation += 1
         log.warning(
             "sentinel master changed",
             extra={
@@ -255,13 +260,16 @@ class SentinelWatcher:
     # ------------------------------------------------------------------------ discovery
 
     async def discover(self) -> Address:
-        """Ask the Sentinels in turn for the master and check it with ROLE; the master's address. Raises
-        SentinelError when none gives a master that checks out. Updates ``current`` (and calls on_switch if it
-        changed)."""
-        async with self._lock:
-            addr, source = await self._ask_sentinels()
-            self._set_current(addr, f"discovered via sentinel {source}")
-            return addr
+        """Ask the Sentinels for the master and check it with ROLE; the master's address. Raises SentinelError
+        when none gives a master that checks out. Updates ``current`` (and calls on_switch if it changed). If
+        ``current`` changed while the Sentinels were being asked (a +switch-master came in), that newer change
+        stands and is returned."""
+        generation = self._generation
+        addr, source = await self._ask_sentinels()
+        if self._generation != generation and self._current is not None:
+            return self._current
+        self._set_current(addr, f"discovered via sentinel {source}")
+        return addr
 
     async def _ask_sentinels(self) -> tuple[Address, str]:
         up = self.upstream
@@ -413,21 +421,27 @@ class SentinelWatcher:
                 await self.discover()
             except SentinelError as exc:
                 log.warning("sentinel re-query failed", extra={"error": str(exc)})
+            except Exception:  # a bug must not end the re-query for good
+                log.exception("sentinel re-query failed unexpectedly")
 
     async def _on_switch_message(self, new: Address, sentinel: Address) -> None:
-        async with self._lock:
-            if new == self._current:
-                return  # another Sentinel's copy of the same event
-            try:
-                await self._check_master(new)
-            except (_Doubt, OSError, TimeoutError, ConnectionError, ReplyShapeError, ProtocolError) as exc:
-                log.warning(
-                    "+switch-master did not check out; re-asking the Sentinels",
-                    extra={"sentinel": format_address(sentinel), "error": str(exc)},
-                )
+        if new == self._current:
+            return  # another Sentinel's copy of the same event
+        generation = self._generation
+        try:
+            await self._check_master(new)
+        except (_Doubt, OSError, TimeoutError, ConnectionError, ReplyShapeError, ProtocolError) as exc:
+            log.warning(
+                "+switch-master did not check out; re-asking the Sentinels",
+                extra={"sentinel": format_address(sentinel), "error": str(exc)},
+            )
+            self._doubt.set()
+            return
+        if self._generation != generation:  # current changed while checking: settle it by asking again
+            if new != self._current:
                 self._doubt.set()
-                return
-            self._set_current(new, f"+switch-master from sentinel {format_address(sentinel)}")
+            return
+        self._set_current(new, f"+switch-master from sentinel {format_address(sentinel)}")
 
     async def _subscription(self, sentinel: Address) -> None:
         delay = RECONNECT_MIN
@@ -437,8 +451,13 @@ class SentinelWatcher:
                 error = "closed the connection"
             except (OSError, TimeoutError, ConnectionError, ReplyShapeError, ProtocolError) as exc:
                 error = _describe(exc, self._timeout)
-            if sentinel in self._subscribed:
+            except Exception as exc:  # a bug must not end this Sentinel's subscription for good
+                log.exception("sentinel subscription failed unexpectedly")
+                error = repr(exc)
+            finally:
+                was_subscribed = sentinel in self._subscribed
                 self._subscribed.discard(sentinel)
+            if was_subscribed:
                 delay = RECONNECT_MIN  # it was up: retry soon
                 self._doubt.set()  # events may be missed until it is back: ask the others
             log.info(
@@ -486,7 +505,6 @@ class SentinelWatcher:
                 for value in parser.replies():
                     await self._on_frame(value, sentinel)
         finally:
-            self._subscribed.discard(sentinel)
             await _close(writer)
 
     async def _on_frame(self, value: resp.Value, sentinel: Address) -> None:

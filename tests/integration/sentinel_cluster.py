@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,31 @@ FAILOVER_TIMEOUT_MS = 3000
 READY_TIMEOUT = 20.0
 
 
-class SentinelProcess:
-    """``redis-server sentinel.conf --sentinel``; ``stop()``/``start()`` restart it on the same port and config."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a Sentinel's TLS port: its certificate chain, its key, and the CA it trusts."""
 
-    def __init__(self, directory: Path, master_port: int, password: str | None, sentinel_password: str | None) -> None:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+class SentinelProcess:
+    """``redis-server sentinel.conf --sentinel``; ``stop()``/``start()`` restart it on the same port and config.
+
+    With ``tls``, it also listens for TLS on ``tls_port`` (clients need no certificate); the Sentinels still talk to
+    each other and to the data nodes in plain text (``tls-replication no``), and ``port`` stays plain."""
+
+    def __init__(
+        self,
+        directory: Path,
+        master_port: int,
+        password: str | None,
+        sentinel_password: str | None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.port = free_port()
+        self.tls_port = free_port() if tls is not None else None
         self.dir = directory
         self.password = sentinel_password
         self.conf = directory / "sentinel.conf"
@@ -52,6 +73,14 @@ class SentinelProcess:
         if sentinel_password is not None:
             # The Sentinel's own password, and the one it uses to talk to the other Sentinels.
             lines += [f"requirepass {sentinel_password}", f"sentinel sentinel-pass {sentinel_password}"]
+        if tls is not None:
+            lines += [
+                f"tls-port {self.tls_port}",
+                f"tls-cert-file {tls.cert}",
+                f"tls-key-file {tls.key}",
+                f"tls-ca-cert-file {tls.ca}",
+                "tls-auth-clients no",
+            ]
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -77,10 +106,17 @@ class SentinelProcess:
 
 
 class SentinelCluster:
-    def __init__(self, directory: Path, password: str | None = None, sentinel_password: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.dir = directory
         self.password = password
         self.sentinel_password = sentinel_password
+        self.tls = tls
         self.nodes: list[RedisServer] = []
         self.sentinels: list[SentinelProcess] = []
 
@@ -98,7 +134,7 @@ class SentinelCluster:
             self._wait_replicas_synced()  # before the Sentinels' first INFO, or they see the link down for 10 s
             for i in range(3):
                 d = self._mkdir(f"sentinel{i}")
-                self.sentinels.append(SentinelProcess(d, master.port, self.password, self.sentinel_password))
+                self.sentinels.append(SentinelProcess(d, master.port, self.password, self.sentinel_password, self.tls))
             self.wait_ready()
         except BaseException:
             self.stop()
@@ -167,8 +203,10 @@ class SentinelCluster:
         with self.sentinels[sentinel].client() as c:
             assert c.execute_command("SENTINEL", "FAILOVER", MASTER_NAME) in ("OK", True)
 
-    def url(self, *, extra_sentinels: tuple[tuple[str, int], ...] = (), db: int = 0) -> str:
-        hosts = ",".join(f"{h}:{p}" for h, p in (*extra_sentinels, *(s.address for s in self.sentinels)))
+    def url(self, *, extra_sentinels: tuple[tuple[str, int], ...] = (), db: int = 0, tls: bool = False) -> str:
+        """The sentinel:// URL of this cluster (the Sentinels' TLS ports with ``tls``)."""
+        ports = [s.tls_port if tls else s.port for s in self.sentinels]
+        hosts = ",".join(f"{h}:{p}" for h, p in (*extra_sentinels, *(("127.0.0.1", p) for p in ports)))
         who = f":{self.password}@" if self.password is not None else ""
         query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password is not None else ""
         return f"sentinel://{who}{hosts}/{MASTER_NAME}/{db}{query}"

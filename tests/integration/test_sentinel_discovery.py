@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from brokerproxy.sentinel import Address, SentinelError, SentinelWatcher, parse_sentinel_url
 from tests.conftest import free_port
-from tests.integration.sentinel_cluster import MASTER_NAME, SentinelCluster
+from tests.integration.sentinel_cluster import MASTER_NAME, SentinelCluster, TlsFiles
 
 #: Upper bounds on how long noticing may take. A forced failover is announced within about a second; a killed
 #: master needs down-after-milliseconds (1 s), the vote and the promotion: 2-3 s measured. Generous for CI.
@@ -329,6 +331,63 @@ def test_credentials_for_sentinels_and_data_nodes(auth_cluster: SentinelCluster)
         assert "Redis AUTH failed: WRONGPASS" in str(info.value)
         for secret in ("redis-Secret1", "sentinel-Secret2", "nope"):
             assert secret not in str(info.value)
+        await watcher.close()
+
+    run(main)
+
+
+@pytest.fixture
+def tls_cluster(tmp_path: Path) -> Iterator[tuple[SentinelCluster, trustme.CA]]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = TlsFiles(tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem")
+    cert.cert_chain_pems[0].write_to_path(str(files.cert))
+    cert.private_key_pem.write_to_path(str(files.key))
+    ca.cert_pem.write_to_path(str(files.ca))
+    d = tmp_path / "sentinel"
+    d.mkdir()
+    c = SentinelCluster(d, tls=files).start()
+    try:
+        yield c, ca
+    finally:
+        c.stop()
+
+
+def test_tls_to_the_sentinels(
+    tls_cluster: tuple[SentinelCluster, trustme.CA], record_property: Callable[[str, object], None]
+) -> None:
+    c, ca = tls_cluster
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+
+    async def main() -> None:
+        switches = Switches()
+        upstream = parse_sentinel_url("upstream", c.url(tls=True))
+        watcher = SentinelWatcher(upstream, switches, sentinel_ssl=trusting, requery_interval=60)
+        old = await watcher.discover()
+        assert old == local(c.master().port)
+        watcher.start()
+        tls_ports = {("127.0.0.1", s.tls_port) for s in c.sentinels}
+        await wait_until(lambda: watcher.subscribed == tls_ports, 5, "subscribed over TLS")
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        c.failover()
+        at, was, new = await switches.next(FORCED_FAILOVER_BOUND)
+        print(f"\nSENTINEL FAILOVER over TLS: on_switch {at - start:.2f}s after it")
+        record_property("tls_failover_noticed_seconds", round(at - start, 3))
+        assert was == old and new != old
+        await watcher.close()
+
+        # A CA the client does not trust: the handshake fails, and the error says so.
+        watcher = SentinelWatcher(upstream, sentinel_ssl=ssl.create_default_context())
+        with pytest.raises(SentinelError, match="CERTIFICATE_VERIFY_FAILED"):
+            await watcher.discover()
+        await watcher.close()
+
+        # Plain text to a TLS port: no answer the watcher can read, within the bound.
+        watcher = SentinelWatcher(upstream, timeout=0.5)
+        with pytest.raises(SentinelError, match="no Sentinel gave a usable master"):
+            await watcher.discover()
         await watcher.close()
 
     run(main)
