@@ -235,7 +235,7 @@ def build(
             "acl_denials": [
                 {"user": user, "kind": kind, "count": n} for (user, kind), n in sorted(list(o.acl_denials.items()))
             ],
-            "denied_commands": outcomes.get("denied", 0),
+            "acl_denials_total": sum(list(o.acl_denials.values())),
             "protocol_errors": dict(sorted(o.protocol_errors.items())),
             "reload_failures": o.reload_failures,
         },

@@ -164,7 +164,7 @@ def test_status_numbers_are_the_metrics_numbers(make: Any) -> None:
     commands = s.by("brokerproxy_commands_total", "command", "outcome")
     for outcome in ("ok", "error", "denied"):
         assert st["commands"][outcome] == sum(n for (_, out), n in commands.items() if out == outcome)
-    assert sec["denied_commands"] == st["commands"]["denied"]
+    assert sec["acl_denials_total"] == sum(s.by("brokerproxy_acl_denials_total", "user", "kind").values())
     assert st["upstream"]["up"] == bool(s.one("brokerproxy_upstream_up"))
     assert st["upstream"]["connections"] == s.one("brokerproxy_upstream_connections")
     assert st["upstream"]["errors"] == s.by("brokerproxy_upstream_errors_total", "reason")
