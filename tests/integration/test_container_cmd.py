@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.conftest import RedisServer, free_port, wait_for_port
 from tests.unit.test_container import DOCKERFILE, Dockerfile, baked_files, healthcheck_command, parse_dockerfile
@@ -190,3 +192,78 @@ def test_the_sidecar_prestop_waits_for_the_pods_clients_to_leave(
     assert subprocess.run([sys.executable, "-c", code, "1.5"], timeout=30).returncode == 0
     assert 1.4 < time.monotonic() - started < 10
     stuck.close()
+
+
+def test_the_compose_proxy_config_serves_airflow_identities_over_tls(
+    image: Dockerfile, redis_server: RedisServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """deploy/compose's brokerproxy.toml and users.acl with gen-certs.py's certificates, run by the image's command
+    (listen addresses moved to loopback and free ports): each Airflow component's certificate logs it in as its ACL
+    user with its role, the operator's as ops, and a client with neither certificate nor password gets nothing."""
+    compose_dir = Path(__file__).resolve().parents[2] / "deploy" / "compose"
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, str(compose_dir / "gen-certs.py"), str(certs)], check=True, capture_output=True)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "config.toml").write_text((compose_dir / "brokerproxy.toml").read_text().replace('"/certs/', f'"{certs}/'))
+    (etc / "users.acl").write_text((compose_dir / "users.acl").read_text())
+
+    port, tls_port, metrics_port = free_port(), free_port(), free_port()
+    env = environment(
+        image,
+        tmp_path,
+        BROKERPROXY_CONFIG=str(etc / "config.toml"),
+        BROKERPROXY_LISTEN=f"127.0.0.1:{port}",
+        BROKERPROXY_TLS_LISTEN=f"127.0.0.1:{tls_port}",
+        BROKERPROXY_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
+        BROKERPROXY_UPSTREAM=redis_server.url(),
+    )
+    log = tmp_path / "proxy.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command(image), env=env, stdout=out, stderr=subprocess.STDOUT)
+    processes.append(proc)
+    wait_for_port(tls_port, proc=proc)
+    wait_for_port(metrics_port, proc=proc)
+
+    def tls_client(user: str | None) -> redis.Redis:
+        extra: dict[str, object] = {"retry": Retry(NoBackoff(), 0)}  # a refusal is final: no reconnect loop
+        if user is not None:
+            extra |= {"ssl_certfile": str(certs / user / "tls.crt"), "ssl_keyfile": str(certs / user / "tls.key")}
+        return redis.Redis(
+            host="localhost",  # a name the server certificate carries: redis-py checks the hostname
+            port=tls_port,
+            ssl=True,
+            ssl_ca_certs=str(certs / "ca.crt"),
+            ssl_cert_reqs="required",
+            **extra,
+        )
+
+    ops = tls_client("ops")
+    assert ops.execute_command("ACL", "WHOAMI") == b"ops"
+    ops.close()
+    worker = tls_client("airflow-worker")
+    assert worker.ping() is True
+    worker.lpush("default", "a task")  # its queue
+    assert worker.brpop(["default"], timeout=1) == (b"default", b"a task")
+    with pytest.raises(redis.exceptions.NoPermissionError, match="airflow-worker"):
+        worker.flushall()
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.get("someone-else's-key")
+    worker.close()
+    scheduler = tls_client("airflow-scheduler")
+    scheduler.lpush("default", "sent")
+    with pytest.raises(redis.exceptions.NoPermissionError, match="airflow-scheduler"):  # a producer cannot consume
+        scheduler.rpop("default")
+    scheduler.close()
+    anonymous = tls_client(None)
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        anonymous.ping()
+    anonymous.close()
+    # the plaintext port, inside the compose network: AUTH with a role's generated password
+    password = (certs / "passwords" / "flower").read_text().strip()
+    flower = redis.Redis(port=port, username="flower", password=password)
+    assert flower.llen("default") == 1
+    flower.close()
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, log.read_text()
