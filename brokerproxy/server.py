@@ -6,6 +6,7 @@ Every task is tracked (``spawn``); drain waits on events and a bound, never on a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -25,7 +26,7 @@ from .observe import Observer
 from .proxy import ClientConnection
 from .status import StatusBoard
 from .tls import Material, Reloadable, client_context, server_context
-from .tls_listener import TLSAccept
+from .tls_listener import SHUTDOWN_TIMEOUT, TLSListener
 
 log = logging.getLogger("brokerproxy.server")
 
@@ -71,6 +72,7 @@ class Server:
         self._idle.set()
         self._stop = asyncio.Event()
         self._handshakes: set[asyncio.Task[Any]] = set()
+        self._tls_listeners: list[TLSListener] = []
         #: The TLS listener's certificate material and the upstream's (rediss://); reloaded on SIGHUP or file change.
         self.tls = Reloadable("tls", lambda: server_context(config.tls), config.tls) if config.tls_listen else None
         self.upstream_tls = (
@@ -140,6 +142,7 @@ class Server:
             "ssl": self.upstream_tls.context,
             "server_hostname": cfg.server_hostname or self.config.upstream.host,
             "ssl_handshake_timeout": self.config.connect_timeout,
+            "ssl_shutdown_timeout": SHUTDOWN_TIMEOUT,
         }
 
     def handshake_started(self, coro: Coroutine[Any, Any, None], peer: str) -> None:
@@ -234,6 +237,10 @@ class Server:
                     replies.append(frame[1])
         finally:
             writer.close()
+            if self.upstream_tls is not None:
+                # Let TLS finish its close_notify: an SSL transport dropped half-closed logs a "Fatal error".
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), SHUTDOWN_TIMEOUT)
         for reply in replies[: len(handshake)]:
             if reply.startswith(b"-"):
                 raise ConnectionError(reply[1:].strip().decode("utf-8", "replace"))
@@ -293,22 +300,21 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        listeners: list[tuple[str, Any, Callable[[], asyncio.Protocol]]] = []
-        if self.config.listen is not None:
-            listeners.append(("main", self.config.listen, lambda: ClientConnection(self)))
-        if self.config.tls_listen is not None:
-            listeners.append(("tls", self.config.tls_listen, lambda: TLSAccept(self)))
-        for kind, addr, factory in listeners:
+        addr = self.config.listen
+        if addr is not None:
             server = await loop.create_server(
-                factory, addr.host, addr.port, reuse_address=True, backlog=self.config.backlog
+                lambda: ClientConnection(self), addr.host, addr.port, reuse_address=True, backlog=self.config.backlog
             )
             self._servers.append(server)
             for sock in getattr(server, "sockets", ()):
                 name = sock.getsockname()
-                log.info(
-                    "listening",
-                    extra={"listener": kind, "address": f"{name[0]}:{name[1]}", "upstream": str(self.config.upstream)},
-                )
+                where, upstream = f"{name[0]}:{name[1]}", str(self.config.upstream)
+                log.info("listening", extra={"listener": "main", "address": where, "upstream": upstream})
+        if self.config.tls_listen is not None:
+            listener = TLSListener(self, self.config.tls_listen)
+            await listener.start()
+            self._tls_listeners.append(listener)
+            log.info("listening", extra={"listener": "tls", "address": str(self.config.tls_listen)})
         intervals = [
             m.material.watch_interval  # type: ignore[attr-defined]
             for m in (self.tls, self.upstream_tls)
@@ -383,7 +389,8 @@ class Server:
 
     @property
     def ports(self) -> list[int]:
-        return [s.getsockname()[1] for srv in self._servers for s in getattr(srv, "sockets", ())]
+        plain = [s.getsockname()[1] for srv in self._servers for s in getattr(srv, "sockets", ())]
+        return plain + [listener.port for listener in self._tls_listeners]
 
     def install_signals(self, reload: Callable[[], Config] | None = None) -> None:
         """SIGTERM/SIGINT drain; SIGHUP calls ``reload`` for a new config and applies its users and rules."""
@@ -398,6 +405,10 @@ class Server:
             new = reload()
         except ConfigError as exc:
             self.observer.reload_failures += 1
+            for material in (self.tls, self.upstream_tls):
+                prefix = "upstream_tls." if material is not None and material.listener == "upstream" else "tls."
+                if material is not None and exc.key.startswith(prefix):
+                    self.observer.tls_reloaded(material.listener, ok=False)  # its certificate stays, as all else
             log.error("reload failed; keeping the old users and rules", extra={"key": exc.key, "error": exc.why})
             self.audit.event("reload", ok=False, error=str(exc))
             return
@@ -444,6 +455,8 @@ class Server:
         self.draining = True
         for server in self._servers:
             server.close()
+        for listener in self._tls_listeners:
+            listener.close()
         for task in list(self._handshakes):
             task.cancel()  # a handshake in progress is not a client yet: nothing of its is in flight
         for conn in list(self._connections):

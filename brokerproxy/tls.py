@@ -143,14 +143,26 @@ def _load_chain(prefix: str, ctx: ssl.SSLContext, m: Material) -> None:
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise ConfigError(f"{prefix}.key_file", "the key does not match the certificate") from None
-        if exc.reason in ("BAD_DECRYPT", "BAD_PASSWORD_READ") or "decrypt" in str(exc).lower():
-            raise ConfigError(f"{prefix}.key_passphrase_file", "wrong or missing passphrase for the key") from None
+        if _encrypted(m.key_file or m.cert_file):  # OpenSSL says only "PEM lib" for a wrong passphrase
+            if password is None:
+                why = "the key is encrypted: set key_passphrase_file or key_passphrase_env"
+                raise ConfigError(f"{prefix}.key_file", why) from None
+            source = "key_passphrase_file" if m.key_passphrase_file else "key_passphrase_env"
+            raise ConfigError(f"{prefix}.{source}", "wrong passphrase for the key") from None
         raise ConfigError(f"{prefix}.cert_file", f"cannot load the certificate and key: {exc}") from None
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"{prefix}.cert_file", f"cannot load the certificate and key: {exc}") from None
     not_after = expiry(m.cert_file)
     if not_after is not None and not_after < datetime.datetime.now(datetime.UTC).timestamp():
         raise ConfigError(f"{prefix}.cert_file", f"the certificate in {m.cert_file} has expired")
+
+
+def _encrypted(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return b"ENCRYPTED" in fh.read()
+    except OSError:
+        return False
 
 
 def _common(prefix: str, ctx: ssl.SSLContext, m: Material) -> None:

@@ -63,18 +63,20 @@ def exchange(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
 class RedisServer:
     """A redis-server of the test's own. ``stop()``/``start()`` restart it on the same port."""
 
-    def __init__(self, directory: Path, *extra: str) -> None:
+    def __init__(self, directory: Path, *extra: str, tls: tuple[str, ...] = ()) -> None:
         if not os.path.exists(REDIS_SERVER):
             raise RuntimeError("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
         self.port = free_port()
         self.dir = directory
-        self.extra = extra
+        # With ``tls`` (the --tls-* options), the port is a TLS port and there is no plaintext one.
+        self.extra = (*extra, "--tls-port", str(self.port), *tls) if tls else extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
+        port = "0" if "--tls-port" in self.extra else str(self.port)
         cmd = [
-            REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            REDIS_SERVER, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(self.dir), "--daemonize", "no", "--enable-debug-command", "yes",
             "--logfile", str(self.dir / "redis.log"), *self.extra,
         ]
