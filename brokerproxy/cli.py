@@ -28,7 +28,7 @@ from typing import Any
 
 from . import __version__
 from .config import DEFAULT_LISTEN, DEFAULT_UPSTREAM, LOG_LEVELS, Address, Config, Upstream, load
-from .errors import ConfigError
+from .errors import ConfigError, UpstreamError
 from .server import Server
 
 EXIT_OK = 0
@@ -154,6 +154,9 @@ async def _run(config: Config, reload: Callable[[], Config]) -> int:
         logging.getLogger("brokerproxy").error(
             "cannot listen", extra={"address": str(config.listen or config.tls_listen), "error": str(exc)}
         )
+        return EXIT_START
+    except UpstreamError as exc:  # sentinel://: no Sentinel named a master that checks out
+        logging.getLogger("brokerproxy").error("cannot find the master", extra={"error": str(exc)})
         return EXIT_START
     server.install_signals(reload)
     clean = await server.serve()

@@ -20,6 +20,7 @@ from .acl import WORDING, AclError, UserTable, parse_acl_file
 from .acl import User as AclUser
 from .acl_roles import RoleError, expand, role_user
 from .errors import ConfigError
+from .sentinel_url import SentinelUpstream, parse_sentinel_url
 from .tls import AUTH_CLIENTS, IDENTITY_FIELDS, UNMAPPED, VERSIONS, ClientTLS, ServerTLS, client_context, server_context
 
 DEFAULT_LISTEN = "127.0.0.1:6380"
@@ -37,6 +38,12 @@ MAX_WRITE_BUFFER_HIGH_WATER = 2**31 - 1
 #: Pending connections the kernel queues for accept(); Redis's tcp-backlog default. asyncio's own default (100)
 #: drops connections in a burst of thousands (measured: 5 000 at once).
 DEFAULT_BACKLOG = 511
+
+#: Event-loop processes serving the listeners (``workers``; "auto" = the CPUs this process may run on). With 1 the
+#: one process serves, as always; with more, a supervisor starts them on SO_REUSEPORT listeners (supervisor.py).
+DEFAULT_WORKERS = 1
+#: The most ``workers`` accepts: a typo (1000) would otherwise start a thousand interpreters.
+MAX_WORKERS = 256
 
 #: Seconds a connection may stay unauthenticated (when authentication is required) before it is closed.
 DEFAULT_AUTH_TIMEOUT = 10.0
@@ -74,7 +81,10 @@ class Upstream:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    tls: bool = False  # rediss://
+    tls: bool = False  # rediss:// (or sentinels://: TLS to the Sentinels and to the master)
+    #: sentinel:// : the master is found and followed through these Sentinels; host and port above are only the
+    #: first Sentinel's (the server asks the watcher where the master is now).
+    sentinel: SentinelUpstream | None = None
 
     def handshake(self) -> list[list[bytes]]:
         """The commands the proxy sends first on every upstream connection; their replies are swallowed."""
@@ -89,6 +99,8 @@ class Upstream:
         return cmds
 
     def __str__(self) -> str:  # never shows the password
+        if self.sentinel is not None:
+            return str(self.sentinel).replace("sentinel://", "sentinels://", 1) if self.tls else str(self.sentinel)
         who = f"{self.username}@" if self.username else ""
         return f"{'rediss' if self.tls else 'redis'}://{who}{self.host}:{self.port}/{self.db}"
 
@@ -179,6 +191,7 @@ class Config:
     tls_listen: Address | None = None
     tls: ServerTLS = field(default_factory=ServerTLS)
     upstream_tls: ClientTLS = field(default_factory=ClientTLS)
+    workers: int = DEFAULT_WORKERS
     #: The parsed users of [acl] and [[users]] (validated at load; re-read by ``acl_users()`` on reload).
     acl_users: tuple[AclUser, ...] = field(default=(), repr=False, compare=False)
 
@@ -214,9 +227,16 @@ def parse_address(key: str, value: Any) -> Address:
 def parse_upstream(key: str, value: Any) -> Upstream:
     if not isinstance(value, str):
         raise ConfigError(key, "expected a URL such as redis://user:pass@host:6379/0")
+    scheme = value.partition("://")[0].lower()
+    if scheme in ("sentinel", "sentinels"):
+        su = parse_sentinel_url(key, "sentinel" + value[len(scheme) :])
+        host, port = su.addresses[0]
+        return Upstream(host, port, su.db, su.username, su.password, tls=scheme == "sentinels", sentinel=su)
     parts = urlsplit(value)
     if parts.scheme not in ("redis", "rediss"):
-        raise ConfigError(key, f"unsupported scheme {parts.scheme!r}; expected redis://host:port/db or rediss://")
+        raise ConfigError(
+            key, f"unsupported scheme {parts.scheme!r}; expected redis://host:port/db, rediss://, sentinel://"
+        )
     try:
         port = parts.port or 6379
     except ValueError as exc:
@@ -274,6 +294,24 @@ def _bounded_int(limit: int) -> Any:
     return parse
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's cpuset), which ``workers = "auto"`` means."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _workers(key: str, value: Any) -> int:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, min(usable_cpus(), MAX_WORKERS))
+    try:
+        n: int = _bounded_int(MAX_WORKERS)(key, value)
+    except ConfigError as exc:
+        raise ConfigError(key, f'{exc.why} (a number of processes, or "auto")') from None
+    return n
+
+
 def _log_level(key: str, value: Any) -> str:
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise ConfigError(key, f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
@@ -292,6 +330,7 @@ SCALARS: dict[str, Any] = {
     "backlog": _positive(int),
     "auth_timeout": _positive(float),
     "tls_listen": parse_address,
+    "workers": _workers,
 }
 METRICS_KEYS = {
     "max_queues": _positive(int),
@@ -627,6 +666,10 @@ def load(
     for user in tls.identities.values():
         if not any(u.name == user for u in acl_users):
             raise ConfigError("tls.identities", f"user {user!r} is not defined in [[users]] or [acl]")
+    if cfg.workers > 1:
+        for key, addr in (("listen", cfg.listen), ("tls_listen", cfg.tls_listen)):
+            if addr is not None and addr.port == 0:
+                raise ConfigError(key, "port 0 with workers > 1 would give each worker a port of its own: set a port")
     open_listeners = [a for a in (cfg.listen, cfg.tls_listen) if a is not None and not a.is_loopback]
     if cfg.protected_mode and not cfg.authenticator().required and open_listeners:
         raise ConfigError(

@@ -142,7 +142,7 @@ OUTCOMES: Final = ("ok", "error", "denied")
 Side = Literal["client", "upstream"]
 #: Upstream error reasons with a label; others fold into ``other``.
 UPSTREAM_ERROR_REASONS: Final = frozenset(
-    {"connect", "timeout", "closed", "reset", "protocol", "auth", "readonly", "unblocked", "tls", "other"}
+    {"connect", "timeout", "closed", "reset", "protocol", "auth", "readonly", "unblocked", "tls", "failover", "other"}
 )
 #: ACL denial kinds (what was refused).
 ACL_KINDS: Final = frozenset({"command", "key", "channel", "other"})

@@ -81,8 +81,12 @@ class ClientConnection(asyncio.Protocol):
         self._bytes_out = 0
         self.id = 0
         self._upstream_paused = False
+        # With a sentinel:// upstream, replies are checked for a demoted master's errors (never otherwise: a plain
+        # upstream's -READONLY is forwarded as Redis sent it).
+        self._demoted_marks: bool | None = True if server.config.upstream.sentinel is not None else None
         self.peer = "?"
         self.peer_host = "?"
+        self.upstream_addr: tuple[str, int] | None = None  # where this connection's upstream went
 
     # ------------------------------------------------------------------------ client transport callbacks
 
@@ -216,7 +220,8 @@ class ClientConnection(asyncio.Protocol):
         if self._unblock_sent or not self.session.blocked or self.session.upstream_id is None:
             return
         self._unblock_sent = True
-        self.server.unblock(self.session.upstream_id, self.upstream_done)
+        assert self.upstream_addr is not None
+        self.server.unblock(self.session.upstream_id, self.upstream_done, self.upstream_addr)
 
     def pause_writing(self) -> None:
         # The client reads slower than Redis answers: stop reading Redis until it catches up.
@@ -240,10 +245,11 @@ class ClientConnection(asyncio.Protocol):
     async def _connect(self) -> None:
         up = self.server.config.upstream
         loop = asyncio.get_running_loop()
-        tls = self.server.upstream_tls_args()
+        host, port = self.upstream_addr = self.server.upstream_addr
+        tls = self.server.upstream_tls_args(host)
         try:
             transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _UpstreamProtocol(self), up.host, up.port, **tls),
+                loop.create_connection(lambda: _UpstreamProtocol(self), host, port, **tls),
                 self.server.config.connect_timeout,
             )
         except (TimeoutError, OSError) as exc:
@@ -268,6 +274,10 @@ class ClientConnection(asyncio.Protocol):
         self.resume_client_reading("connect")
 
     def upstream_data(self, data: bytes) -> None:
+        if self._demoted_marks is not None and (b"-READONLY" in data or b"-UNBLOCKED" in data) and not self._left:
+            # A demoted master (sentinel://): not an answer to forward but the connection lost under a failover.
+            self._master_gone("demoted", data)
+            return
         try:
             self.session.from_upstream(data)
         except ProtocolError as exc:
@@ -307,6 +317,26 @@ class ClientConnection(asyncio.Protocol):
             if not self.session.closing:
                 log.info("upstream closed, closing client", extra={"peer": self.peer})
             self.transport.close()
+
+    def master_switched(self) -> None:
+        """The Sentinels moved the master away from this connection's upstream."""
+        if not self._left and self.transport is not None:
+            self._master_gone("failover", b"")
+
+    def _master_gone(self, why: str, data: bytes) -> None:
+        """Close the client cleanly: a blocked pop is first answered as a timeout (kombu then polls again, on a
+        new connection to the new master). Anything the old master still sends is handled as for a client that
+        left: a popped element is requeued (to the new master), never delivered to nor lost with this client."""
+        transport = self.transport
+        assert transport is not None
+        null = self.session.timeout_reply()
+        if null is not None:
+            transport.write(null)
+        log.info("closing a client bound to the old master", extra={"peer": self.peer, "why": why})
+        self._client_left()
+        if data:
+            self.upstream_data(data)
+        transport.close()
 
     def _close_upstream(self) -> None:
         if self.upstream is not None:

@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .metrics import build_registry
 from .observe import Observer
 from .proxy import ClientConnection
+from .sentinel import SentinelWatcher
 from .status import StatusBoard
 from .tls import Material, Reloadable, client_context, server_context
 from .tls_listener import SHUTDOWN_TIMEOUT, TLSListener
@@ -73,6 +74,9 @@ class Server:
         self._stop = asyncio.Event()
         self._handshakes: set[asyncio.Task[Any]] = set()
         self._tls_listeners: list[TLSListener] = []
+        #: Where the master is: the URL's address, or (sentinel://) what the Sentinels say now.
+        self.upstream_addr: tuple[str, int] = (config.upstream.host, config.upstream.port)
+        self.sentinel: SentinelWatcher | None = None
         #: The TLS listener's certificate material and the upstream's (rediss://); reloaded on SIGHUP or file change.
         self.tls = Reloadable("tls", lambda: server_context(config.tls), config.tls) if config.tls_listen else None
         self.upstream_tls = (
@@ -131,16 +135,34 @@ class Server:
         """The client connections open now (the status page counts them by user and listener)."""
         return tuple(self._connections)
 
+    # ------------------------------------------------------------------------ Sentinel
+
+    def _master_switched(self, old: tuple[str, int] | None, new: tuple[str, int]) -> None:
+        """The Sentinels moved the master. New connections go to ``new`` at once; every connection bound to another
+        address is closed cleanly (a blocked pop first answered as a timeout), so clients reconnect to the new
+        master and nothing more is written to the demoted one."""
+        self.upstream_addr = new
+        if old is None:
+            return
+        self.observer.upstream_error("failover")
+        moved = [c for c in self._connections if c.upstream_addr not in (None, new)]
+        log.warning(
+            "master switched; closing the connections bound to the old one",
+            extra={"old": f"{old[0]}:{old[1]}", "new": f"{new[0]}:{new[1]}", "connections": len(moved)},
+        )
+        for conn in moved:
+            conn.master_switched()
+
     # ------------------------------------------------------------------------ TLS
 
-    def upstream_tls_args(self) -> dict[str, Any]:
+    def upstream_tls_args(self, host: str | None = None) -> dict[str, Any]:
         """Keyword arguments for create_connection/open_connection to the upstream: TLS when it is rediss://."""
         if self.upstream_tls is None:
             return {}
         cfg = self.config.upstream_tls
         return {
             "ssl": self.upstream_tls.context,
-            "server_hostname": cfg.server_hostname or self.config.upstream.host,
+            "server_hostname": cfg.server_hostname or host or self.upstream_addr[0],
             "ssl_handshake_timeout": self.config.connect_timeout,
             "ssl_shutdown_timeout": SHUTDOWN_TIMEOUT,
         }
@@ -214,15 +236,19 @@ class Server:
 
     # ------------------------------------------------------------------------ requeue
 
-    async def side_commands(self, commands: list[list[bytes]]) -> list[bytes]:
-        """Run commands on a short-lived connection of the proxy's own (with its upstream AUTH/SELECT); the raw
-        replies to ``commands``. Raises OSError/TimeoutError/ConnectionError when Redis cannot be reached."""
+    async def side_commands(
+        self, commands: list[list[bytes]], address: tuple[str, int] | None = None
+    ) -> list[bytes]:
+        """Run commands on a short-lived connection of the proxy's own (with its upstream AUTH/SELECT) to the
+        master (or ``address``); the raw replies to ``commands``. Raises OSError/TimeoutError/ConnectionError when
+        Redis cannot be reached."""
         up = self.config.upstream
+        host, port = address or self.upstream_addr
         handshake = up.handshake()
         payload = b"".join(resp.encode_command(c) for c in handshake + commands)
         timeout = self.config.connect_timeout
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(up.host, up.port, **self.upstream_tls_args()), timeout
+            asyncio.open_connection(host, port, **self.upstream_tls_args(host)), timeout
         )
         try:
             writer.write(payload)
@@ -277,17 +303,18 @@ class Server:
                 extra={"command": [a.decode("utf-8", "backslashreplace") for a in c]},
             )
 
-    def unblock(self, upstream_id: int, done: asyncio.Event) -> None:
-        """End the blocked command of upstream connection ``upstream_id`` as a timeout."""
-        self.spawn(self._unblock(upstream_id, done), f"unblock {upstream_id}")
+    def unblock(self, upstream_id: int, done: asyncio.Event, address: tuple[str, int]) -> None:
+        """End the blocked command of upstream connection ``upstream_id`` (on the Redis at ``address``: after a
+        failover, the old master) as a timeout."""
+        self.spawn(self._unblock(upstream_id, done, address), f"unblock {upstream_id}")
 
-    async def _unblock(self, upstream_id: int, done: asyncio.Event) -> None:
+    async def _unblock(self, upstream_id: int, done: asyncio.Event, address: tuple[str, int]) -> None:
         # The blocking command may still be on its way to Redis when the first UNBLOCK lands (it then answers 0
         # and the command blocks after it): try again until the connection is done, with a bound.
         cmd = [b"CLIENT", b"UNBLOCK", str(upstream_id).encode(), b"TIMEOUT"]
         for _ in range(UNBLOCK_ATTEMPTS):
             try:
-                await self.side_commands([cmd])
+                await self.side_commands([cmd], address)
             except (TimeoutError, OSError, ConnectionError) as exc:
                 log.warning("CLIENT UNBLOCK failed", extra={"error": str(exc)})
             try:
@@ -300,11 +327,21 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        su = self.config.upstream.sentinel
+        if su is not None:
+            ctx = self.upstream_tls.context if self.upstream_tls is not None else None
+            self.sentinel = SentinelWatcher(
+                su, self._master_switched, sentinel_ssl=ctx, redis_ssl=ctx, timeout=self.config.connect_timeout
+            )
+            self.upstream_addr = await self.sentinel.discover()  # raises SentinelError: nothing to serve without it
+            log.info("master found", extra={"master": f"{self.upstream_addr[0]}:{self.upstream_addr[1]}"})
+            self.sentinel.start()
         addr = self.config.listen
         if addr is not None:
             server = await loop.create_server(
-                lambda: ClientConnection(self), addr.host, addr.port, reuse_address=True, backlog=self.config.backlog
-            )
+                lambda: ClientConnection(self), addr.host, addr.port, reuse_address=True, backlog=self.config.backlog,
+                reuse_port=self.config.workers > 1,  # --workers N: every worker listens on the same port
+            )  # fmt: skip
             self._servers.append(server)
             for sock in getattr(server, "sockets", ()):
                 name = sock.getsockname()
@@ -355,7 +392,7 @@ class Server:
         if self.draining:
             return False, "draining"
         if not self.upstream_up:
-            return False, f"upstream {self.config.upstream.host}:{self.config.upstream.port} does not answer"
+            return False, f"upstream {self.upstream_addr[0]}:{self.upstream_addr[1]} does not answer"
         return True, "ready"
 
     @property
@@ -457,6 +494,8 @@ class Server:
             server.close()
         for listener in self._tls_listeners:
             listener.close()
+        if self.sentinel is not None:
+            await self.sentinel.close()
         for task in list(self._handshakes):
             task.cancel()  # a handshake in progress is not a client yet: nothing of its is in flight
         for conn in list(self._connections):

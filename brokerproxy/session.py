@@ -174,6 +174,8 @@ class _Slot:
 
 #: Commands that never take a plain slot: their replies are read (pops), or they may block (CLIENT UNBLOCK).
 _NOT_PLAIN = POPS.keys() | BLOCKING
+#: Blocking commands whose timeout is a null reply (WAIT and WAITAOF answer counts instead).
+_NULL_ON_TIMEOUT = BLOCKING - {"wait", "waitaof"}
 #: Commands the fast path hands to the exact path: the above, and every command with a handler.
 _NO_EVENTS: list[Event] = []
 #: Watched commands whose reply is a plain integer (a push's new length): the fast paths can observe them.
@@ -975,6 +977,19 @@ class Session:
     def blocked(self) -> bool:
         """A blocking command is outstanding (it may wait in Redis for as long as its timeout)."""
         return any(s.request is not None and s.request.name in BLOCKING for s in self._slots)
+
+    def timeout_reply(self) -> bytes | None:
+        """What the client would read had its blocking pop timed out: the null reply of its protocol, when the only
+        reply owed is that of one blocking pop (outside MULTI). None otherwise. Used when the upstream must be
+        dropped under the pop (a failover): the client sees a timeout, never an error, and calls again."""
+        if len(self._slots) != 1 or self._in_multi:
+            return None
+        req = self._slots[0].request
+        if req is None or req.name not in _NULL_ON_TIMEOUT:
+            return None
+        if self.protocol == 3:
+            return b"_\r\n"
+        return b"$-1\r\n" if req.name in ("brpoplpush", "blmove") else b"*-1\r\n"
 
     def delivered(self, flushed: int) -> None:
         """The transport has handed everything up to byte ``flushed`` of the client stream to the kernel."""

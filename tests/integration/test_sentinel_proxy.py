@@ -1,0 +1,140 @@
+"""A sentinel:// upstream through the proxy: clients keep a plain redis:// URL to the proxy, and the proxy follows the
+master across a forced failover and a killed master.
+
+Real processes: one master, two replicas, three Sentinels (tests/integration/sentinel_cluster.py), the proxy, and
+for the Celery test a real worker and producer.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import ProxyProcess, RedisServer, free_port, wait_for_port
+from tests.integration.sentinel_cluster import MASTER_NAME, SentinelCluster
+
+StartProxy = Callable[..., ProxyProcess]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[SentinelCluster]:
+    d = tmp_path / "sentinel"
+    d.mkdir()
+    c = SentinelCluster(d).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def sentinels_master(cluster: SentinelCluster) -> RedisServer:
+    with cluster.sentinels[0].client() as sentinel:
+        _, port = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)
+    return next(n for n in cluster.nodes if n.port == int(port))
+
+
+def readyz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_failover_closes_old_connections_and_answers_blocked_pops_as_timeouts(
+    cluster: SentinelCluster, start_proxy: StartProxy
+) -> None:
+    metrics = free_port()
+    proxy = start_proxy(
+        cluster.url(), "--metrics-listen", f"127.0.0.1:{metrics}", config="[metrics]\ndepth_poll_interval = 0.2\n"
+    )
+    wait_for_port(metrics, proc=proxy.proc)
+    old = cluster.master()
+    c = proxy.client(socket_timeout=10)
+    assert c.set("before", "1")
+    assert cluster.node_client(old).get("before") == "1"
+    # A client blocked in BRPOP on the old master, a RESP3 one too, and an idle one.
+    blocked = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    blocked.sendall(b"*3\r\n$5\r\nBRPOP\r\n$5\r\nqueue\r\n$1\r\n0\r\n")
+    resp3 = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    resp3.sendall(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n")
+    assert resp3.recv(4096).startswith(b"%")
+    resp3.sendall(b"*3\r\n$5\r\nBLPOP\r\n$5\r\nqueue\r\n$1\r\n0\r\n")
+    wait_for(lambda: cluster.node_client(old).info("clients")["blocked_clients"] == 2, 10, "both pops blocked")
+    wait_for(lambda: readyz(metrics) == 200, 10, "ready")
+
+    t0 = time.monotonic()
+    cluster.failover()
+    # The blocked clients see a timeout (the null reply of their protocol), then the connection closes.
+    assert blocked.recv(100) == b"*-1\r\n"
+    assert blocked.recv(100) == b""
+    assert resp3.recv(100) == b"_\r\n"
+    assert resp3.recv(100) == b""
+    noticed = time.monotonic() - t0
+    blocked.close()
+    resp3.close()
+
+    # New connections go to the new master at once; the idle client's connection was closed, and redis-py's
+    # retry on a fresh connection reaches the new master too.
+    def write_reaches_new_master() -> bool:
+        try:
+            return bool(proxy.client(socket_timeout=5).set("after", "2"))
+        except redis.RedisError:
+            return False
+
+    first_write = wait_for(write_reaches_new_master, 20, "a write through the proxy") + noticed
+    new = sentinels_master(cluster)  # the old master keeps saying "master" for seconds: ask the Sentinels
+    assert new.port != old.port
+    assert cluster.node_client(new).get("after") == "2"
+    # The idle client's connection was bound to the old master: closed (never redirected behind its back);
+    # redis-py retries on a new connection, which reaches the new master. Replicated before the failover:
+    assert c.get("before") == b"1"
+    assert '"master switched; closing the connections bound to the old one"' in proxy.logs()
+    print(
+        f"failover noticed by the blocked clients after {noticed:.2f}s; "
+        f"first write on the new master {first_write:.2f}s"
+    )
+    wait_for(lambda: readyz(metrics) == 200, 10, "ready again")
+    assert proxy.proc.poll() is None
+
+
+def test_killed_master_is_followed(cluster: SentinelCluster, start_proxy: StartProxy) -> None:
+    proxy = start_proxy(cluster.url())
+    old = cluster.master()
+    assert proxy.client().lpush("q", "x") == 1
+    t0 = time.monotonic()
+    old.stop()
+
+    def works() -> bool:
+        try:
+            return proxy.client(socket_timeout=2).lpush("q", "y") >= 1
+        except redis.RedisError:
+            return False
+
+    took = wait_for(works, 30, "the proxy to reach the new master")
+    new = cluster.master()
+    assert new.port != old.port
+    assert cluster.node_client(new).lrange("q", 0, -1)[-1] == "x"  # the element acknowledged before the kill
+    print(f"killed master: first write through the proxy {time.monotonic() - t0:.2f}s after the kill ({took:.2f}s)")
+
+
+def test_sentinels_unreachable_at_start_is_a_clear_start_error(start_proxy: StartProxy) -> None:
+    dead = free_port()
+    proxy = start_proxy(f"sentinel://127.0.0.1:{dead}/mymaster/0", "--connect-timeout", "0.5", wait=False)
+    assert proxy.proc.wait(30) == 3
+    assert "cannot find the master" in proxy.logs()
