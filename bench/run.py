@@ -11,7 +11,9 @@ Runs, in this order, each as its own process (so one benchmark's state never lea
 2. ``latency.py --peers haproxy,twemproxy``: microseconds added per round trip;
 3. ``celery_throughput.py``: publish-only and end-to-end Celery tasks per second;
 4. ``connections.py``: RSS per idle connection, burst accept;
-5. ``e2e_redis_benchmark.py --peers haproxy,twemproxy``: redis-benchmark through brokerproxy, HAProxy, twemproxy.
+5. ``e2e_redis_benchmark.py --peers haproxy,twemproxy``: redis-benchmark through brokerproxy, HAProxy, twemproxy;
+6. ``tls.py``: redis-benchmark and round trips through brokerproxy's TLS listener vs its plaintext one, Redis's own
+   TLS port and plaintext Redis.
 
 Each writes ``<name>.md`` and ``<name>.json`` into ``--out`` (default bench/results/); then this script writes
 ``SUMMARY.md`` there from the JSON files: date, machine, load, and the headline ratios. A benchmark that fails is
@@ -42,7 +44,7 @@ BENCH = Path(__file__).resolve().parent
 PEERS_ARG = "haproxy,twemproxy"
 #: Repeats of the redis-benchmark runs in a full run: about a minute each with both peers on the 2-core machine.
 E2E_REPEATS = 5
-ORDER = ("hotpath", "latency", "celery_throughput", "connections", "e2e_redis_benchmark")
+ORDER = ("hotpath", "latency", "celery_throughput", "connections", "e2e_redis_benchmark", "tls")
 SCRIPTS = {name: BENCH / f"{name}.py" for name in ORDER}
 TITLES = {
     "hotpath": "Hot path (sans-IO Session)",
@@ -50,6 +52,7 @@ TITLES = {
     "celery_throughput": "Celery throughput",
     "connections": "Connections",
     "e2e_redis_benchmark": "redis-benchmark end to end",
+    "tls": "TLS",
 }
 
 
@@ -208,6 +211,42 @@ def e2e_section(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def tls_section(d: dict[str, Any]) -> list[str]:
+    from tls import COMPARISONS, LABELS, PIPELINES, SIZE, cname
+
+    head = d["throughput_headline"]
+    lines = [
+        f"rps ratios, redis-benchmark, 50 clients, -d {SIZE}, TLS on the client side (brokerproxy to Redis in "
+        "plaintext); per depth the median over the five tests of each test's median paired ratio, with the lowest "
+        "and highest test in brackets. Then one client, one command at a time: µs added per round trip at p50.",
+        "",
+        "| ratio | " + " | ".join(f"rps -P {p}" for p in PIPELINES) + " |",
+        "|---|" + "---|" * len(PIPELINES),
+    ]
+    for path, base in COMPARISONS:
+        cells = []
+        for p in PIPELINES:
+            h = head[cname(path, base)][str(p)]
+            cells.append("n/a" if h is None else f"**{h['median']:.2f}** ({h['min']:.2f}-{h['max']:.2f})")
+        lines.append(f"| {LABELS[path]} ÷ {LABELS[base]} | " + " | ".join(cells) + " |")
+    commands = [e["command"] for e in d["latency"]]
+    lines += ["", "| round trip, added at p50 | " + " | ".join(f"{c} µs" for c in commands) + " |",
+              "|---|" + "---:|" * len(commands)]
+    for path, base in COMPARISONS:
+        cells = []
+        for e in d["latency"]:
+            c = e["comparisons"].get(cname(path, base))
+            a = c["p50_us"]["added_us"] if c else None
+            if a is None:
+                cells.append("n/a")
+            elif a["min"] == a["max"]:
+                cells.append(f"**{a['median']:+.1f}**")
+            else:
+                cells.append(f"**{a['median']:+.1f}** ({a['min']:+.1f} to {a['max']:+.1f})")
+        lines.append(f"| {LABELS[path]} - {LABELS[base]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _median_over_tests(summary: list[dict[str, Any]], size: int, pipeline: int, key: str) -> float | None:
     values = []
     for e in summary:
@@ -266,6 +305,7 @@ SECTIONS = {
     "celery_throughput": celery_section,
     "connections": connections_section,
     "e2e_redis_benchmark": e2e_section,
+    "tls": tls_section,
 }
 
 

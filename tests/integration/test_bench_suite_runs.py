@@ -21,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "bench" / "run.py"
-NAMES = ("hotpath", "latency", "celery_throughput", "connections", "e2e_redis_benchmark")
+NAMES = ("hotpath", "latency", "celery_throughput", "connections", "e2e_redis_benchmark", "tls")
 
 
 def positive(x: Any) -> bool:
@@ -55,7 +55,8 @@ def test_every_report_and_the_summary_are_written(suite: tuple[Path, Any]) -> No
     assert not list(out.glob("*.tmp"))
     summary = (out / "SUMMARY.md").read_text()
     assert summary == done.stdout
-    for title in ("Hot path", "Round-trip latency", "Celery throughput", "Connections", "redis-benchmark end to end"):
+    for title in ("Hot path", "Round-trip latency", "Celery throughput", "Connections", "redis-benchmark end to end",
+                  "TLS"):
         assert f"## {title}" in summary, title
     assert "**failed**" not in summary
     assert "Machine:" in summary
@@ -144,3 +145,33 @@ def test_e2e_with_peers(suite: tuple[Path, Any]) -> None:
             assert peer not in data["peer_summary"]
     assert "## Peers" in md
     assert re.search(r"^\| -d 512 -P 1 \| SET \| \*\*\d+\.\d\d\*\*", md, re.M)
+
+
+def test_tls(suite: tuple[Path, Any]) -> None:
+    """Four paths to one Redis (plaintext, its TLS port, the proxy's plaintext and TLS listeners): every ratio and
+    round-trip difference is there, and both TLS paths really negotiated TLS."""
+    md, data = report(suite[0], "tls")
+    paths = ("direct", "redis_tls", "proxy", "proxy_tls")
+    comparisons = ("proxy_tls/redis_tls", "proxy_tls/proxy", "redis_tls/direct", "proxy/direct", "proxy_tls/direct")
+    assert data["config"]["comparisons"] == list(comparisons)
+    for path in ("redis_tls", "proxy_tls"):
+        assert data["tls"]["sessions"][path]["version"].startswith("TLS"), data["tls"]
+    assert {(r["pipeline"], r["target"]) for r in data["runs"]} == {(p, t) for p in (1, 16) for t in paths}
+    assert all("--tls" in r["command"] for r in data["runs"] if r["target"].endswith("_tls"))
+    assert len(data["throughput"]) == 2 * 5
+    for e in data["throughput"]:
+        assert set(e["paths"]) == set(paths)
+        for c in comparisons:
+            assert positive(e["ratios"][c]["rps"]["paired_median"]), (e["pipeline"], e["test"], c)
+    for pipeline in ("1", "16"):
+        for c in comparisons:
+            assert positive(data["throughput_headline"][c][pipeline]["median"]), (pipeline, c)
+    assert {e["command"] for e in data["latency"]} == {"PING", "GET 512 B"}
+    for e in data["latency"]:
+        for p in paths:
+            assert positive(e["paths"][p]["p50_us"]["median"]), (e["command"], p)
+        for c in comparisons:
+            assert math.isfinite(e["comparisons"][c]["p50_us"]["added_us"]["median"]), (e["command"], c)
+    assert re.search(r"^\| brokerproxy TLS ÷ Redis TLS \| \*\*\d+\.\d\d\*\*", md, re.M)
+    assert re.search(r"^\| PING \| brokerproxy TLS - Redis TLS \| \*\*[+-][\d.]+\*\*", md, re.M)
+    assert "## Round-trip latency" in md and "## Commands" in md
