@@ -115,6 +115,12 @@ KNOWN_CLIENT_REPLY_DESYNC = True
 # traceback is counted as known (the bogus elements land in the fuzzer's own lists).
 KNOWN_QUEUED_POP = True
 
+# Known bug, tested on its own in test_hello_refused_in_subscribed_mode (xfail): a RESP2 connection in subscribed
+# mode that pipelines HELLO 3 and a (P)(UN)SUBSCRIBE: Redis refuses the HELLO there and stays RESP2, the proxy has
+# already counted the next confirmations as RESP3 pushes, logs "reply from upstream with no request waiting for it"
+# and closes. Until fixed, that error after HELLO and SUBSCRIBE is counted as known.
+KNOWN_HELLO_IN_SUBSCRIBED = True
+
 # Known bug, tested on its own in test_map_with_an_aggregate_key (xfail): HiredisRequestParser.next catches only
 # hiredis.ProtocolError; hiredis raises TypeError for a RESP3 map whose key is a map or an array (and MemoryError for
 # a huge count), which escapes data_received: no reply, the connection aborted, a traceback logged.
@@ -433,7 +439,16 @@ def piece(rng: random.Random, corpus: list[bytes]) -> bytes:
 
 def make_case(rng: random.Random, corpus: list[bytes]) -> list[bytes]:
     """The bytes of one connection, split into the chunks to send them in (the AUTH, if any, apart)."""
-    data = avoid_known_stall(b"".join(piece(rng, corpus) for _ in range(rng.choice([1, 1, 2, 3, 5, 8]))))
+    n = rng.choice([1, 1, 2, 3, 5, 8])
+    if rng.random() < 0.4:
+        # Mostly well formed, so that the connection lives long enough to reach deeper states (MULTI, pub/sub,
+        # blocked pops, RESP3), maybe ending with something hostile.
+        pieces = [rng.choice(corpus) if rng.random() < 0.5 else valid_command(rng) for _ in range(n + 2)]
+        if rng.random() < 0.5:
+            pieces.append(piece(rng, corpus))
+    else:
+        pieces = [piece(rng, corpus) for _ in range(n)]
+    data = avoid_known_stall(b"".join(pieces))
     auth = [FUZZ_AUTH] if rng.random() < 0.9 else []
     if rng.random() < 0.05 and len(data) < 200:
         return auth + [data[i : i + 1] for i in range(len(data))]  # one byte at a time
@@ -503,7 +518,7 @@ def run_case(port: int, chunks: list[bytes], rng: random.Random, seed: int) -> O
 def known_error(entry: dict[str, object], sent: bytes) -> str | None:
     """The known bug (or the expected effect of hostile input) behind an error the proxy logged, or None."""
     exc = str(entry.get("exc", ""))
-    if KNOWN_FAST_PATH_NON_BULK and "in _fast_requests" in exc and "globmatch.py" in exc:
+    if KNOWN_FAST_PATH_NON_BULK and "in _fast_requests" in exc and "policy.check(" in exc:
         return "non-bulk argument crashed the fast path's ACL check"
     if KNOWN_QUEUED_POP and "in requeue_for" in exc and "AssertionError" in exc:
         return "pop queued in MULTI taken for a popped element"
@@ -515,6 +530,13 @@ def known_error(entry: dict[str, object], sent: bytes) -> str | None:
         and b"REPLY" in sent.upper()
     ):
         return "CLIENT REPLY with (un)subscribe or inside MULTI"
+    if (
+        KNOWN_HELLO_IN_SUBSCRIBED
+        and entry.get("error") == "reply from upstream with no request waiting for it"
+        and b"HELLO" in sent.upper()
+        and b"SUBSCRIBE" in sent.upper()
+    ):
+        return "HELLO refused in RESP2 subscribed mode, pipelined with (un)subscribe"
     errors = entry.get("errors")
     if entry.get("event") == "requeue command failed" and isinstance(errors, list) and errors:
         if all("WRONGTYPE" in str(e) for e in errors):
@@ -828,6 +850,9 @@ def run_fuzz(w: Workload, seconds: float, connections: int) -> None:
     ran = {n: d for n, d in ran.items() if d > 0 and n not in stats_before}
     if ran:
         findings.append(f"commands the fuzz user may not run reached Redis: {ran}")
+    worker_errors = [line for line in w.worker.log().splitlines() if "ERROR/" in line or "CRITICAL/" in line]
+    if worker_errors:
+        findings.append("the Celery worker logged errors:\n" + "\n".join(worker_errors[:10]))
     stray = stray_keys(lambda db: w.redis.client(db=db))
     if stray:
         findings.append(f"keys outside fuzz* and Celery's: {stray[:20]}")
@@ -1059,6 +1084,24 @@ def test_pop_inside_multi_for_a_gone_client(redis_server: RedisServer, proxy: Pr
     assert '"level": "error"' not in proxy.logs()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="proxy bug: in RESP2 subscribed mode Redis refuses HELLO ('Can't execute 'hello'') and stays RESP2, but the "
+    "proxy has already counted the (un)subscribe confirmations pipelined after it as RESP3 pushes: 'reply from "
+    "upstream with no request waiting for it', connection closed",
+)
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"SUBSCRIBE a\r\nHELLO 3\r\nUNSUBSCRIBE a\r\nPING\r\n",
+        b"SUBSCRIBE a\r\nHELLO 3\r\nPSUBSCRIBE b*\r\nPUNSUBSCRIBE\r\nUNSUBSCRIBE\r\nPING\r\n",
+    ],
+)
+def test_hello_refused_in_subscribed_mode(redis_server: RedisServer, proxy: ProxyProcess, payload: bytes) -> None:
+    assert talk(proxy.port, payload) == talk(redis_server.port, payload)
+    assert '"level": "error"' not in proxy.logs()
+
+
 HIREDIS_EXCEPTIONS = (
     "proxy bug: HiredisRequestParser.next catches only hiredis.ProtocolError; hiredis raises TypeError (unhashable) "
     "for a RESP3 map whose key is a map or an array, which escapes data_received: no reply, connection aborted, a "
@@ -1093,8 +1136,13 @@ NON_BULK = (
 @pytest.mark.parametrize("acl", [False, True], ids=["no-acl", "acl"])
 @pytest.mark.parametrize(
     "payload",
-    [b"*2\r\n$3\r\nGET\r\n:5\r\n", b"*2\r\n$3\r\nGET\r\n*1\r\n$4\r\nfuzz\r\n", b"*2\r\n$4\r\nECHO\r\n_\r\n"],
-    ids=["integer", "nested", "null"],
+    [
+        b"*2\r\n$3\r\nGET\r\n:5\r\n",
+        b"*2\r\n$3\r\nGET\r\n*1\r\n$4\r\nfuzz\r\n",
+        b"*2\r\n$4\r\nECHO\r\n_\r\n",
+        b"*2\r\n$9\r\nNOSUCHCMD\r\n:5\r\n",
+    ],
+    ids=["integer", "nested", "null", "unknown-command"],
 )
 def test_non_bulk_arguments(
     redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess], payload: bytes, acl: bool
