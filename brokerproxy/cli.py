@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import urllib.error
@@ -30,11 +31,14 @@ from . import __version__
 from .config import DEFAULT_LISTEN, DEFAULT_UPSTREAM, LOG_LEVELS, Address, Config, Upstream, load
 from .errors import ConfigError, UpstreamError
 from .server import Server
+from .supervisor import WORKER_FLAG, Outcome, Supervisor
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_START = 3
 EXIT_DRAIN_TIMEOUT = 4
+#: A second SIGINT: exit at once (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
 #: ``brokerproxy status``: the metrics listener could not be reached or did not answer with a status.
 EXIT_UNREACHABLE = 1
 #: ``brokerproxy hash-password``: no password, or the two entries on a terminal differ.
@@ -111,6 +115,14 @@ def parser() -> argparse.ArgumentParser:
         help="address for /metrics, /healthz, /readyz and the status page (/, /api/status) (default: none, and no "
         "observation)",
     )
+    p.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="event-loop processes sharing the listeners, under a supervisor that restarts them and sums their "
+        "metrics; auto = one per CPU (default 1: this process serves)",
+    )
+    # A worker of --workers: INDEX:FD of its channel to the supervisor (supervisor.py). Not for people.
+    p.add_argument(WORKER_FLAG, dest="worker_channel", metavar="INDEX:FD", help=argparse.SUPPRESS)
     p.add_argument("--version", action="version", version=f"brokerproxy {__version__}")
     return p
 
@@ -126,13 +138,28 @@ def build_config(argv: Sequence[str] | None, env: dict[str, str]) -> Config:
         "connect_timeout": args.connect_timeout,
         "protected_mode": args.protected_mode,
         "metrics_listen": args.metrics_listen,
+        "workers": args.workers,
     }
     return load(args.config or env.get("BROKERPROXY_CONFIG"), env, overrides)
 
 
-def _setup_logging(level: str) -> None:
+class _WorkerField(logging.Filter):
+    """Adds ``"worker": INDEX`` to every line of a --workers worker (they share the supervisor's stderr)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def _setup_logging(level: str, worker: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    if worker is not None:
+        handler.addFilter(_WorkerField(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -146,7 +173,8 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def _run(config: Config, reload: Callable[[], Config]) -> int:
+async def _run(config: Config, reload: Callable[[], Config], started: Callable[[Server], None] | None = None) -> int:
+    """Serve until stopped; ``started`` is called once the listeners are up and the signal handlers installed."""
     server = Server(config)
     try:
         await server.start()
@@ -159,6 +187,8 @@ async def _run(config: Config, reload: Callable[[], Config]) -> int:
         logging.getLogger("brokerproxy").error("cannot find the master", extra={"error": str(exc)})
         return EXIT_START
     server.install_signals(reload)
+    if started is not None:
+        started(server)
     clean = await server.serve()
     return EXIT_OK if clean else EXIT_DRAIN_TIMEOUT
 
@@ -172,16 +202,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"brokerproxy: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    _setup_logging(config.log_level)
-    logging.getLogger("brokerproxy").info("starting", extra={"version": __version__})
+    channel = parser().parse_args(args).worker_channel
+    worker = _worker_channel(channel) if channel else None
+    _setup_logging(config.log_level, worker[0] if worker else None)
+    logging.getLogger("brokerproxy").info("starting", extra={"version": __version__, "workers": config.workers})
     loop = _new_loop()
     try:
+        if worker is not None:
+            # A worker serves its metrics on a loopback port of its own, which it reports to the supervisor.
+            if config.metrics_listen is not None:
+                config = dataclasses.replace(config, metrics_listen=Address("127.0.0.1", 0))
+            return loop.run_until_complete(
+                _run(config, lambda: build_config(argv, dict(os.environ)), lambda s: _report_ready(s, worker[1]))
+            )
+        if config.workers > 1:
+            return _OUTCOMES[loop.run_until_complete(Supervisor(config, args).run())]
         # SIGHUP reads the same flags, environment and file again.
         return loop.run_until_complete(_run(config, lambda: build_config(argv, dict(os.environ))))
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:
         loop.close()
+
+
+_OUTCOMES: dict[Outcome, int] = {
+    "clean": EXIT_OK,
+    "unclean": EXIT_DRAIN_TIMEOUT,
+    "start": EXIT_START,
+    "config": EXIT_CONFIG,
+    "interrupted": EXIT_INTERRUPTED,
+}
+
+
+def _worker_channel(value: str) -> tuple[int, socket.socket]:
+    """``INDEX:FD`` of the hidden worker flag: the worker's index and its channel to the supervisor."""
+    index, _, fd = value.partition(":")
+    return int(index), socket.socket(fileno=int(fd))
+
+
+def _report_ready(server: Server, channel: socket.socket) -> None:
+    """Tell the supervisor this worker serves (and where its metrics are), then watch the channel: its end means the
+    supervisor is gone, and the worker drains rather than outlive it."""
+    ports = server.metrics_ports
+    channel.sendall(f"ready {ports[0] if ports else 0}\n".encode())
+    channel.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            data = channel.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(channel.fileno())
+            server.request_stop("supervisor exited")
+
+    loop.add_reader(channel.fileno(), readable)
 
 
 # ---------------------------------------------------------------------------------------------------- check-config

@@ -21,7 +21,7 @@ import contextlib
 import importlib.resources
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -81,6 +81,9 @@ _DROP = 2  # nothing (more) to answer: close at once
 
 ReadyCheck = Callable[[], tuple[bool, str]]
 Renderer = Callable[[CollectorRegistry, str | None], tuple[bytes, str]]
+#: Awaited with the path before a GET/HEAD is answered (the supervisor of ``--workers`` scrapes its workers there);
+#: it bounds its own time.
+Refresh = Callable[[str], Awaitable[None]]
 
 
 class StatusSource(Protocol):
@@ -114,6 +117,7 @@ class HTTPEndpoints:
         *,
         render: Renderer = metrics.render,
         status: StatusSource | None = None,
+        refresh: Refresh | None = None,
         max_request_head: int = MAX_REQUEST_HEAD,
         head_timeout: float = HEAD_TIMEOUT,
         write_timeout: float = WRITE_TIMEOUT,
@@ -124,6 +128,7 @@ class HTTPEndpoints:
         self.ready = ready
         self.render = render
         self.status = status
+        self.refresh = refresh
         self._page = status_page() if status is not None else b""
         self._closing = asyncio.Event()
         self._sampler: asyncio.Task[None] | None = None
@@ -266,6 +271,11 @@ class HTTPEndpoints:
             status, body, ctype = 405, b"only GET and HEAD\n", _TEXT
             extra = [("Allow", "GET, HEAD")]
         else:
+            if self.refresh is not None:
+                try:
+                    await self.refresh(path)
+                except Exception:  # answer from what is there
+                    log.exception("refreshing before the response failed")
             extra = _PAGE_HEADERS if path == "/" and self.status is not None else []
             status, body, ctype = self._route(path, headers.get("accept"), query)
         await self._respond(writer, status, body, ctype, close=not keep_alive, head_only=head_only, extra=extra)

@@ -83,6 +83,8 @@ class TLSListener:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.server.config.workers > 1:  # --workers N: every worker listens on the same port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(sockaddr)
             sock.listen(self.server.config.backlog)
             sock.setblocking(False)
