@@ -41,8 +41,8 @@ Roles (``expand("worker(default, high*)", keyprefix="tenantA:")`` or the functio
     and deleted at close; ``~P_kombu.binding*``; the ``restore_visible`` sweep kombu runs at close
     (``~P unacked``, ``~P unacked_index``, ``~P unacked_mutex``; restored messages go back with ``RPUSH`` under the
     root rules); ``&P/db.celery.pidbox`` for the broadcast; ``+brpop +llen +exists +del +sadd +srem +smembers
-    +get +set +zadd +zrange +zrangebyscore +zrem +hget +hdel +watch +time +publish +evalsha +script|load
-    +script|exists`` (with what the scripts call: Redis checks a script's commands against its caller's ACL).
+    +get +set +zadd +zrange +zrangebyscore +zrevrangebyscore +zrem +hget +hdel +watch +time +publish +evalsha
+    +script|load +script|exists`` (``ZREVRANGEBYSCORE``: kombu 5.6's sweep, which Airflow's Celery provider uses) (with what the scripts call: Redis checks a script's commands against its caller's ACL).
     Scripts: kombu's binding refresh and sweep and redis-py's lock release.
 
 ``worker(queues)``: consumes tasks and writes results.
@@ -55,8 +55,8 @@ Roles (``expand("worker(default, high*)", keyprefix="tenantA:")`` or the functio
     compares a subscribed pattern literally), ``&P/db.celeryev/*`` (publishing events),
     ``&R celery-task-meta-*``, ``&R celery-taskset-meta-*`` (result notifications).
     Commands: list ``+brpop +rpop +lpush +rpush +llen +lrange``, keys ``+exists +del +pexpire +expire``, unacked
-    ``+zadd +zrem +zrange +zrangebyscore +zcount +hset +hget +hdel +hlen``, strings ``+get +mget +set +setex
-    +incr``, bindings ``+sadd +srem +smembers +sismember``, pub/sub ``+publish +subscribe +psubscribe
+    ``+zadd +zrem +zrange +zrangebyscore +zrevrangebyscore +zcount +hset +hget +hdel +hlen`` (kombu 5.6 restores with
+    ``ZREVRANGEBYSCORE``), strings ``+get +mget +set +setex +incr``, bindings ``+sadd +srem +smembers +sismember``, pub/sub ``+publish +subscribe +psubscribe
     +unsubscribe +punsubscribe``, scripts ``+evalsha +script|load +script|exists +time`` (``TIME``: kombu's scripts
     call it, and Redis checks a script's commands against its caller's ACL) and the connection commands.
     Scripts: all six of the wire study (kombu binding refresh and sweep, redis-py lock release, Celery chord part,
@@ -246,7 +246,8 @@ def producer(
                     f"~{p}unacked_mutex",
                     *_subscribed(keyprefix, f"/{db}.celery.pidbox"),
                     *("+brpop", "+llen", "+exists", "+del", "+sadd", "+srem", "+smembers", "+get", "+set", "+zadd"),
-                    *("+zrange", "+zrangebyscore", "+zrem", "+hget", "+hdel", "+watch", "+time", "+publish"),
+                    *("+zrange", "+zrangebyscore", "+zrevrangebyscore", "+zrem", "+hget", "+hdel", "+watch"),
+                    *("+time", "+publish"),
                     *("+evalsha", "+script|load", "+script|exists"),
                 ]
             )
@@ -258,7 +259,7 @@ def producer(
 WORKER_COMMANDS = (
     "+brpop", "+rpop", "+lpush", "+rpush", "+llen", "+lrange",
     "+exists", "+del", "+pexpire", "+expire",
-    "+zadd", "+zrem", "+zrange", "+zrangebyscore", "+zcount", "+hset", "+hget", "+hdel", "+hlen",
+    "+zadd", "+zrem", "+zrange", "+zrangebyscore", "+zrevrangebyscore", "+zcount", "+hset", "+hget", "+hdel", "+hlen",
     "+get", "+mget", "+set", "+setex", "+incr",
     "+sadd", "+srem", "+smembers", "+sismember",
     "+publish", "+subscribe", "+psubscribe", "+unsubscribe", "+punsubscribe",
