@@ -42,7 +42,8 @@ Roles (``expand("worker(default, high*)", keyprefix="tenantA:")`` or the functio
     (``~P unacked``, ``~P unacked_index``, ``~P unacked_mutex``; restored messages go back with ``RPUSH`` under the
     root rules); ``&P/db.celery.pidbox`` for the broadcast; ``+brpop +llen +exists +del +sadd +srem +smembers
     +get +set +zadd +zrange +zrangebyscore +zrevrangebyscore +zrem +hget +hdel +watch +time +publish +evalsha
-    +script|load +script|exists`` (``ZREVRANGEBYSCORE``: kombu 5.6's sweep, which Airflow's Celery provider uses) (with what the scripts call: Redis checks a script's commands against its caller's ACL).
+    +script|load +script|exists`` (``ZREVRANGEBYSCORE``: kombu 5.6's sweep, which Airflow's Celery provider uses)
+    (with what the scripts call: Redis checks a script's commands against its caller's ACL).
     Scripts: kombu's binding refresh and sweep and redis-py's lock release.
 
 ``worker(queues)``: consumes tasks and writes results.
@@ -56,8 +57,9 @@ Roles (``expand("worker(default, high*)", keyprefix="tenantA:")`` or the functio
     ``&R celery-task-meta-*``, ``&R celery-taskset-meta-*`` (result notifications).
     Commands: list ``+brpop +rpop +lpush +rpush +llen +lrange``, keys ``+exists +del +pexpire +expire``, unacked
     ``+zadd +zrem +zrange +zrangebyscore +zrevrangebyscore +zcount +hset +hget +hdel +hlen`` (kombu 5.6 restores with
-    ``ZREVRANGEBYSCORE``), strings ``+get +mget +set +setex +incr``, bindings ``+sadd +srem +smembers +sismember``, pub/sub ``+publish +subscribe +psubscribe
-    +unsubscribe +punsubscribe``, scripts ``+evalsha +script|load +script|exists +time`` (``TIME``: kombu's scripts
+    ``ZREVRANGEBYSCORE``), strings ``+get +mget +set +setex +incr``, bindings ``+sadd +srem +smembers +sismember``,
+    pub/sub ``+publish +subscribe +psubscribe +unsubscribe +punsubscribe``, scripts ``+evalsha +script|load
+    +script|exists +time`` (``TIME``: kombu's scripts
     call it, and Redis checks a script's commands against its caller's ACL) and the connection commands.
     Scripts: all six of the wire study (kombu binding refresh and sweep, redis-py lock release, Celery chord part,
     claim-extend and cleanup). Not ``FLUSHALL``, ``FLUSHDB``, ``KEYS``, ``CONFIG``, ``DEBUG``, or any key outside
