@@ -362,7 +362,8 @@ def latency_table(summary: list[dict[str, Any]]) -> str:
         "|---|" + "---:|" * len(TARGETS),
     ]
     for e in summary:
-        cells = [fmt_spread(e["paths"][t]["p50_us"], 1) if t in e["paths"] else "n/a" for t in TARGETS]
+        cells = [f"{fmt_spread(e['paths'][t]['p50_us'], 1)} (best {e['paths'][t]['p50_us']['min']:.1f})"
+                 if t in e["paths"] else "n/a" for t in TARGETS]
         lines.append(f"| {e['command']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -454,10 +455,11 @@ One Python client per path (blocking socket, TCP_NODELAY; `ssl` on the TLS paths
 {cfg["round_trips"]} round trips on each path, after {cfg["warmup_round_trips"]} discarded ones;
 {cfg["latency_repeats"]} repeat(s) (many short blocks: a block's round trips share one scheduling state, which on a
 2-core machine can double a block's p50; the median over paired blocks sees through it).
-"added" is path - baseline per repeat, median (range): "brokerproxy TLS - Redis TLS" is what the proxy
-adds to a TLS round trip (the client's own TLS cost is in both and cancels); "Redis TLS - Redis" is what TLS costs
-the client and Redis together, and "brokerproxy TLS - brokerproxy" what it costs the client and the proxy together
-(so the proxy's own share is that minus the client's, which is at most "Redis TLS - Redis").
+The first table is each path's p50, median over repeats, and in brackets the best (lowest) repeat: the block least
+disturbed by other load. "added" is path - baseline per repeat, median (range): "brokerproxy TLS - Redis TLS" is
+what the proxy adds to a TLS round trip (the client's own TLS cost is in both and cancels); "Redis TLS - Redis" is
+what TLS costs the client and Redis together, and "brokerproxy TLS - brokerproxy" what it costs the client and the
+proxy together (so the proxy's own share is that minus the client's, which is at most "Redis TLS - Redis").
 
 {latency_table(body["latency"])}
 """
