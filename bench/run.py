@@ -13,7 +13,8 @@ Runs, in this order, each as its own process (so one benchmark's state never lea
 4. ``connections.py``: RSS per idle connection, burst accept;
 5. ``e2e_redis_benchmark.py --peers haproxy,twemproxy``: redis-benchmark through brokerproxy, HAProxy, twemproxy;
 6. ``tls.py``: redis-benchmark and round trips through brokerproxy's TLS listener vs its plaintext one, Redis's own
-   TLS port and plaintext Redis.
+   TLS port and plaintext Redis;
+7. ``workers.py``: redis-benchmark through brokerproxy with ``--workers 1``, ``2`` and ``auto``, and direct Redis.
 
 Each writes ``<name>.md`` and ``<name>.json`` into ``--out`` (default bench/results/); then this script writes
 ``SUMMARY.md`` there from the JSON files: date, machine, load, and the headline ratios. A benchmark that fails is
@@ -44,7 +45,7 @@ BENCH = Path(__file__).resolve().parent
 PEERS_ARG = "haproxy,twemproxy"
 #: Repeats of the redis-benchmark runs in a full run: about a minute each with both peers on the 2-core machine.
 E2E_REPEATS = 5
-ORDER = ("hotpath", "latency", "celery_throughput", "connections", "e2e_redis_benchmark", "tls")
+ORDER = ("hotpath", "latency", "celery_throughput", "connections", "e2e_redis_benchmark", "tls", "workers")
 SCRIPTS = {name: BENCH / f"{name}.py" for name in ORDER}
 TITLES = {
     "hotpath": "Hot path (sans-IO Session)",
@@ -53,6 +54,7 @@ TITLES = {
     "connections": "Connections",
     "e2e_redis_benchmark": "redis-benchmark end to end",
     "tls": "TLS",
+    "workers": "Many cores (--workers)",
 }
 
 
@@ -247,6 +249,31 @@ def tls_section(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def workers_section(d: dict[str, Any]) -> list[str]:
+    from workers import PIPELINES, label
+
+    head = d["headline"]
+    targets = d["config"]["targets"]
+    resolved = ", ".join(f"{t} = {n}" for t, n in d["config"]["resolved"].items())
+    lines = [
+        f"rps ratios, redis-benchmark, 50 clients, -d 512; per depth the median over the five tests of each test's "
+        f"median paired ratio, with the lowest and highest test in brackets. Worker processes: {resolved}, on "
+        f"{d['config']['usable_cpus']} usable CPU(s) shared with redis-server and redis-benchmark.",
+        "",
+        "| ratio | " + " | ".join(f"rps -P {p}" for p in PIPELINES) + " |",
+        "|---|" + "---|" * len(PIPELINES),
+    ]
+    rows = [(t, "vs_one", "1 worker") for t in targets if t not in ("direct", "1")]
+    rows += [(t, "vs_direct", "Redis") for t in targets if t != "direct"]
+    for t, kind, base in rows:
+        cells = []
+        for p in PIPELINES:
+            h = head.get(kind, {}).get(t, {}).get(str(p))
+            cells.append("n/a" if h is None else f"**{h['median']:.2f}** ({h['min']:.2f}-{h['max']:.2f})")
+        lines.append(f"| {label(t)} ÷ {base} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _median_over_tests(summary: list[dict[str, Any]], size: int, pipeline: int, key: str) -> float | None:
     values = []
     for e in summary:
@@ -306,6 +333,7 @@ SECTIONS = {
     "connections": connections_section,
     "e2e_redis_benchmark": e2e_section,
     "tls": tls_section,
+    "workers": workers_section,
 }
 
 
