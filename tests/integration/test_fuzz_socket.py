@@ -24,7 +24,8 @@ Fuzz connections authenticate first (nine in ten; the others stay unauthenticate
 ``fuzz*`` keys and channels without ``@dangerous``, ``@admin``, scripting or the few commands that make Redis
 allocate gigabytes (SETRANGE/SETBIT/BITFIELD at a huge offset, LCS, *RANDMEMBER with a huge negative count): the
 fuzzer attacks the proxy, not the machine, and cannot delete Celery's queues. (Redis's ``default`` user is off: the
-proxy refuses AUTH as any other user while ``default`` is on and nopass, see test_auth_users.py.) Fuzz connections
+proxy refuses AUTH as any other user while ``default`` is on and nopass, see
+test_auth_as_another_user_while_default_is_nopass.) Fuzz connections
 come from 127.0.0.2-127.0.0.254 and Celery from 127.0.0.1, so the failed AUTHs the fuzzer sends slow down only
 the fuzzer's addresses, and each of those little.
 
@@ -256,6 +257,18 @@ def parse_stream(buf: bytes) -> tuple[list[Frame], bytes]:
         frames.append(Frame(buf[pos], buf[pos:end]))
         pos = end
     return frames, buf[pos:]
+
+
+def test_reply_oracle() -> None:
+    """The oracle accepts every reply of the recorded Celery traffic and refuses what Redis never sends."""
+    for path in sorted(CORPUS_DIR.glob("*.s2c")):
+        frames, rest = parse_stream(path.read_bytes())
+        assert frames and rest == b"", path
+    assert parse_stream(b"+OK\r\n*2\r\n$1\r\na\r\n") == ([Frame(ord("+"), b"+OK\r\n")], b"*2\r\n$1\r\na\r\n")
+    assert len(parse_stream(b"|1\r\n+k\r\n+v\r\n:1\r\n>2\r\n+a\r\n_\r\n!7\r\nERR bad\r\n")[0]) == 3
+    for bad in [b"-oops\r\n", b"$3\r\nabcd\r\n", b":1.5\r\n", b"#x\r\n", b"?\r\n", b"*-2\r\n", b"!3\r\nerr\r\n"]:
+        with pytest.raises(Invalid):
+            parse_stream(bad)
 
 
 # ------------------------------------------------------------------------------------------------ what to send
@@ -775,6 +788,8 @@ def run_fuzz(w: Workload, seconds: float, connections: int) -> None:
         t.start()
     tasks = 0
     rss_peak = rss_before
+    rss_series: list[int] = []  # every ~10 s: a leak grows steadily, a high-water mark does not
+    next_sample = time.monotonic()
     rounds = 0
     while time.monotonic() < deadline:
         x = rounds * 100
@@ -787,7 +802,11 @@ def run_fuzz(w: Workload, seconds: float, connections: int) -> None:
             assert results == [x + 2 * i for i in range(10)], f"round {rounds}: {results}"
             tasks += 10
         rounds += 1
-        rss_peak = max(rss_peak, rss_bytes(pid))
+        rss = rss_bytes(pid)
+        rss_peak = max(rss_peak, rss)
+        if time.monotonic() >= next_sample:
+            rss_series.append(rss)
+            next_sample += 10
     for t in threads:
         t.join(30)
         assert not t.is_alive(), "a fuzz connection hung"
@@ -806,6 +825,7 @@ def run_fuzz(w: Workload, seconds: float, connections: int) -> None:
         f"{rtts[int(len(rtts) * 0.99)] * 1e3:.0f} ms; "
         f"RSS {rss_before / 2**20:.1f} -> peak {rss_peak / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB"
     )
+    print("RSS every 10 s (MiB):", " ".join(f"{r / 2**20:.0f}" for r in rss_series))
     print("error replies by code:", dict(stats.errors.most_common(20)))
     # (printed after the log checks below have classified what they found)
     if worst[0] > 0.5:  # which cases were on the wire when the proxy stalled
@@ -882,9 +902,13 @@ def test_fuzz_while_celery_runs(workload: Workload) -> None:
     )
 
 
+LONG_SECONDS = float(os.environ.get("FUZZ_SECONDS", "300"))
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(LONG_SECONDS + 300)
 def test_fuzz_while_celery_runs_long(workload: Workload) -> None:
-    run_fuzz(workload, seconds=float(os.environ.get("FUZZ_SECONDS", "300")), connections=40)
+    run_fuzz(workload, seconds=LONG_SECONDS, connections=int(os.environ.get("FUZZ_CONNECTIONS", "40")))
 
 
 # ------------------------------------------------------------------------------------------------ hostile headers
