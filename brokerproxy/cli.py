@@ -244,7 +244,11 @@ def _report_ready(server: Server, channel: socket.socket) -> None:
     """Tell the supervisor this worker serves (and where its metrics are), then watch the channel: its end means the
     supervisor is gone, and the worker drains rather than outlive it."""
     ports = server.metrics_ports
-    channel.sendall(f"ready {ports[0] if ports else 0}\n".encode())
+    try:
+        channel.sendall(f"ready {ports[0] if ports else 0}\n".encode())
+    except OSError:  # the supervisor is already gone
+        server.request_stop("supervisor exited")
+        return
     channel.setblocking(False)
     loop = asyncio.get_running_loop()
 

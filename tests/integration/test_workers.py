@@ -488,6 +488,37 @@ def test_a_drain_past_its_bound_exits_4(start_group: Callable[..., Group]) -> No
     assert len(outcome) == 1
 
 
+def test_sigint_is_forwarded_once_and_a_second_one_exits_at_once(start_group: Callable[..., Group]) -> None:
+    """Ctrl-C reaches the supervisor alone (the workers run in sessions of their own): it forwards it, once; a second
+    one is forwarded too and the workers stop at once, as a single process does (exit 130)."""
+    g = start_group()
+    assert g.client().ping()
+    assert g.stop(signal.SIGINT) == 0
+    signals = [e for e in g.events() if e["event"] == "shutdown requested"]
+    assert sorted(e.get("worker", -1) for e in signals) == [0, 1]  # each worker once (the supervisor logs its own)
+
+    g = start_group()
+    busy: list[BaseException] = []
+
+    def sleep_through() -> None:
+        try:
+            g.client(retry=Retry(NoBackoff(), 0)).execute_command("DEBUG", "SLEEP", "5")
+        except redis.ConnectionError as exc:
+            busy.append(exc)  # expected: the worker exits under it
+
+    slow = threading.Thread(target=sleep_through)
+    slow.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    g.proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    g.proc.send_signal(signal.SIGINT)
+    assert g.proc.wait(10) == 130
+    assert time.monotonic() - started < 3
+    slow.join(10)
+    assert len(busy) == 1
+
+
 def test_workers_stop_when_the_supervisor_is_killed(start_group: Callable[..., Group]) -> None:
     g = start_group()
     pids = [w["pid"] for w in g.workers().values()]
