@@ -30,6 +30,9 @@ DEFAULT_LOG_LEVEL = "info"
 DEFAULT_DRAIN_TIMEOUT = 30.0
 #: Seconds to wait for Redis to accept a connection.
 DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Seconds a client's new upstream connection keeps retrying (Redis restarting, a failover) before its commands get
+#: "-ERR upstream unavailable".
+DEFAULT_UPSTREAM_WAIT = 10.0
 #: Bytes waiting to be written to one side before reading from the other side pauses (per connection).
 DEFAULT_WRITE_BUFFER_HIGH_WATER = 1024 * 1024
 #: uvloop takes the write-buffer limits as a C int.
@@ -179,6 +182,7 @@ class Config:
     protected_mode: bool = True
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    upstream_wait: float = DEFAULT_UPSTREAM_WAIT
     limits: resp.Limits = resp.DEFAULT_LIMITS
     write_buffer_high_water: int = DEFAULT_WRITE_BUFFER_HIGH_WATER
     users: tuple[User, ...] = ()
@@ -282,6 +286,18 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _non_negative(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(key, f"expected a number of seconds >= 0, got {value!r}")
+    try:
+        n = float(value)
+    except ValueError:
+        raise ConfigError(key, f"expected a number of seconds >= 0, got {value!r}") from None
+    if not n >= 0:
+        raise ConfigError(key, f"must be >= 0, got {value!r}")
+    return n
+
+
 def _bounded_int(limit: int) -> Any:
     positive = _positive(int)
 
@@ -325,6 +341,7 @@ SCALARS: dict[str, Any] = {
     "protected_mode": _bool,
     "drain_timeout": _positive(float),
     "connect_timeout": _positive(float),
+    "upstream_wait": lambda key, value: _non_negative(key, value),
     "write_buffer_high_water": _bounded_int(MAX_WRITE_BUFFER_HIGH_WATER),
     "metrics_listen": parse_address,
     "backlog": _positive(int),

@@ -245,22 +245,36 @@ class ClientConnection(asyncio.Protocol):
     async def _connect(self) -> None:
         up = self.server.config.upstream
         loop = asyncio.get_running_loop()
-        host, port = self.upstream_addr = self.server.upstream_addr
-        tls = self.server.upstream_tls_args(host)
-        try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _UpstreamProtocol(self), host, port, **tls),
-                self.server.config.connect_timeout,
-            )
-        except (TimeoutError, OSError) as exc:
-            reason = str(exc) or type(exc).__name__
-            kind = "timeout" if isinstance(exc, TimeoutError) else "tls" if isinstance(exc, ssl.SSLError) else "connect"
-            self.server.observer.upstream_error(kind)
-            log.warning("upstream connect failed", extra={"peer": self.peer, "upstream": str(up), "error": reason})
-            self._connecting = None
-            if not self._left:
-                self._upstream_unavailable(reason)
-            return
+        # Redis restarting or failing over: retry, with backoff, for up to upstream_wait seconds before the client
+        # gets an error (what it sends meanwhile waits in _pending_up, bounded by pausing its reads).
+        deadline = loop.time() + self.server.config.upstream_wait
+        delay = 0.05
+        while True:
+            await self.server.master_settled()  # a failover in progress: wait for the new master
+            host, port = self.upstream_addr = self.server.upstream_addr  # sentinel://: where the master is now
+            tls = self.server.upstream_tls_args(host)
+            try:
+                transport, _ = await asyncio.wait_for(
+                    loop.create_connection(lambda: _UpstreamProtocol(self), host, port, **tls),
+                    self.server.config.connect_timeout,
+                )
+                break
+            except (TimeoutError, OSError) as exc:
+                reason = str(exc) or type(exc).__name__
+                if not self._left and loop.time() + delay < deadline:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                timeout = isinstance(exc, TimeoutError)
+                kind = "timeout" if timeout else "tls" if isinstance(exc, ssl.SSLError) else "connect"
+                self.server.observer.upstream_error(kind)
+                log.warning(
+                    "upstream connect failed", extra={"peer": self.peer, "upstream": str(up), "error": reason}
+                )
+                self._connecting = None
+                if not self._left:
+                    self._upstream_unavailable(reason)
+                return
         self._connecting = None
         if self._left:
             transport.close()  # the client left while we connected; nothing it sent was forwarded

@@ -73,6 +73,10 @@ DOUBT_PAUSE = 0.5
 DISCOVER_ROUNDS = 2
 #: The Pub/Sub channel Sentinel announces a new master on: "<name> <old-ip> <old-port> <new-ip> <new-port>".
 SWITCH_MASTER = b"+switch-master"
+#: Published by the Sentinel leading a failover just before it sends REPLICAOF NO ONE to the chosen replica: from
+#: then on, what the old master accepts may be lost when it is turned into a replica, so the proxy stops writing
+#: to it (``on_failover``) rather than wait for +switch-master, which comes up to a second later.
+FAILOVER_START = b"+failover-state-send-slaveof-noone"
 
 #: ``on_switch(old, new)``: old is None when the first master becomes known.
 SwitchCallback = Callable[[Address | None, Address], object]
@@ -209,6 +213,8 @@ class SentinelWatcher:
     ) -> None:
         self.upstream = upstream
         self.on_switch = on_switch
+        #: Called (no arguments) when a Sentinel starts promoting a replica of our master (FAILOVER_START).
+        self.on_failover: Callable[[], object] | None = None
         self._sentinel_ssl = sentinel_ssl
         self._redis_ssl = redis_ssl
         self._timeout = timeout
@@ -474,17 +480,19 @@ class SentinelWatcher:
             reader, writer = await asyncio.open_connection(sentinel[0], sentinel[1], ssl=self._sentinel_ssl)
         try:
             async with asyncio.timeout(self._timeout):
-                writer.write(b"".join(resp.encode_command(c) for c in [*auth, [b"SUBSCRIBE", SWITCH_MASTER]]))
+                subscribe = [b"SUBSCRIBE", SWITCH_MASTER, FAILOVER_START]
+                writer.write(b"".join(resp.encode_command(c) for c in [*auth, subscribe]))
                 parser = ReplyReader()
-                replies = await _read_replies(reader, len(auth) + 1, parser)
+                replies = await _read_replies(reader, len(auth) + 2, parser)
             for reply in replies[: len(auth)]:
                 if isinstance(reply, resp.ErrorReply):
                     raise _AuthFailed(f"Sentinel AUTH failed: {reply.decode('utf-8', 'replace')}")
-            pubsub_message(replies[len(auth)])  # the subscribe confirmation (raises on an error reply)
+            pubsub_message(replies[len(auth)])  # the subscribe confirmations (raise on an error reply)
+            pubsub_message(replies[len(auth) + 1])
             self._subscribed.add(sentinel)
             self._doubt.set()  # events before this subscription are unseen: re-ask now
             log.info("sentinel subscribed", extra={"sentinel": format_address(sentinel)})
-            for value in replies[len(auth) + 1 :]:  # read together with the confirmation
+            for value in replies[len(auth) + 2 :]:  # read together with the confirmations
                 await self._on_frame(value, sentinel)
             pinged = False
             while True:
@@ -509,7 +517,21 @@ class SentinelWatcher:
 
     async def _on_frame(self, value: resp.Value, sentinel: Address) -> None:
         message = pubsub_message(value)
-        if message is None or message[0] != SWITCH_MASTER:
+        if message is None:
+            return
+        if message[0] == FAILOVER_START:
+            # "slave <name> <ip> <port> @ <master-name> <master-ip> <master-port>"
+            parts = message[1].split(b" ")
+            at = parts.index(b"@") if b"@" in parts else -1
+            name = parts[at + 1].decode("utf-8", "replace") if 0 <= at < len(parts) - 1 else None
+            if name == self.upstream.master_name:
+                if self.on_failover is not None:
+                    try:
+                        self.on_failover()
+                    except Exception:
+                        log.exception("on_failover failed")
+            return
+        if message[0] != SWITCH_MASTER:
             return
         switch = parse_switch_master(message[1], self.upstream.master_name)
         if switch is not None:

@@ -77,6 +77,7 @@ class Server:
         #: Where the master is: the URL's address, or (sentinel://) what the Sentinels say now.
         self.upstream_addr: tuple[str, int] = (config.upstream.host, config.upstream.port)
         self.sentinel: SentinelWatcher | None = None
+        self._hold_until = 0.0  # a failover in progress: new upstream connections wait until then (or the switch)
         #: The TLS listener's certificate material and the upstream's (rediss://); reloaded on SIGHUP or file change.
         self.tls = Reloadable("tls", lambda: server_context(config.tls), config.tls) if config.tls_listen else None
         self.upstream_tls = (
@@ -142,6 +143,7 @@ class Server:
         address is closed cleanly (a blocked pop first answered as a timeout), so clients reconnect to the new
         master and nothing more is written to the demoted one."""
         self.upstream_addr = new
+        self._hold_until = 0.0
         if old is None:
             return
         self.observer.upstream_error("failover")
@@ -152,6 +154,21 @@ class Server:
         )
         for conn in moved:
             conn.master_switched()
+
+    def _failover_started(self) -> None:
+        """A Sentinel is promoting a replica: stop writing to the current master now (what it accepts from here on
+        may be lost), by closing its connections and holding new ones until the switch (bounded)."""
+        loop = asyncio.get_running_loop()
+        self._hold_until = loop.time() + max(self.config.upstream_wait, 1.0)
+        log.warning("failover started; holding new connections until the new master is known")
+        for conn in [c for c in self._connections if c.upstream_addr is not None]:
+            conn.master_switched()
+
+    async def master_settled(self) -> None:
+        """Return once no failover is in progress (or its hold has run out)."""
+        loop = asyncio.get_running_loop()
+        while loop.time() < self._hold_until:
+            await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------------------ TLS
 
@@ -280,6 +297,7 @@ class Server:
         delay = 0.1
         elements = sum(len(c) - 2 for c in commands)
         for attempt in range(REQUEUE_ATTEMPTS):
+            await self.master_settled()  # never put an element back on a master being demoted
             try:
                 replies = await self.side_commands(commands)
             except (TimeoutError, OSError, ConnectionError) as exc:
@@ -333,6 +351,7 @@ class Server:
             self.sentinel = SentinelWatcher(
                 su, self._master_switched, sentinel_ssl=ctx, redis_ssl=ctx, timeout=self.config.connect_timeout
             )
+            self.sentinel.on_failover = self._failover_started
             self.upstream_addr = await self.sentinel.discover()  # raises SentinelError: nothing to serve without it
             log.info("master found", extra={"master": f"{self.upstream_addr[0]}:{self.upstream_addr[1]}"})
             self.sentinel.start()

@@ -138,3 +138,104 @@ def test_sentinels_unreachable_at_start_is_a_clear_start_error(start_proxy: Star
     proxy = start_proxy(f"sentinel://127.0.0.1:{dead}/mymaster/0", "--connect-timeout", "0.5", wait=False)
     assert proxy.proc.wait(30) == 3
     assert "cannot find the master" in proxy.logs()
+
+
+def test_celery_through_a_failover_and_a_killed_master(cluster: SentinelCluster, tmp_path: Path) -> None:
+    """A worker and a producer through the proxy while the master is failed over, then killed: every task whose
+    apply_async returned runs, the worker never dies, and /readyz shows the gap and recovers."""
+    import json
+    import threading
+
+    from tests.integration.celery_app import make_app
+    from tests.integration.test_celery_e2e import TIMEOUT, Stack, T
+
+    port, metrics = free_port(), free_port()
+    config = tmp_path / "proxy.toml"
+    config.write_text("[metrics]\ndepth_poll_interval = 0.2\n")
+    argv = ["--listen", f"127.0.0.1:{port}", "--upstream", cluster.url(), "--metrics-listen", f"127.0.0.1:{metrics}"]
+    proxy = ProxyProcess([*argv, "--config", str(config)], None, tmp_path / "proxy.log", port)
+    stack = Stack(cluster.nodes[0], proxy, tmp_path)
+    try:
+        proxy.wait_ready()
+        app = stack.app()
+        worker = stack.worker("celery", concurrency=2)
+        worker.wait_ready(app)
+        # The producer has no result backend: results are read straight from Redis below, so no Pub/Sub result
+        # listener of the test's own sits through the failovers.
+        producer = make_app(proxy.url(0), None, None, main="producer")
+        stack.apps.append(producer)
+        accepted: list[tuple[int, object]] = []
+        accepted_at: dict[int, float] = {}
+        stop = threading.Event()
+        statuses: list[int] = []
+
+        def produce() -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    accepted.append((i, T(producer, "add").apply_async((i, i))))
+                    accepted_at[i] = time.monotonic()
+                except Exception:  # not accepted: the publish failed, the caller knows
+                    pass
+                i += 1
+                time.sleep(0.02)
+
+        def watch_ready() -> None:
+            while not stop.is_set():
+                statuses.append(readyz(metrics))
+                time.sleep(0.05)
+
+        threads = [threading.Thread(target=produce), threading.Thread(target=watch_ready)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        cluster.failover()
+        time.sleep(8)  # Sentinel refuses a second failover of one master within 2 x failover-timeout
+        killed_at = time.monotonic()
+        sentinels_master(cluster).stop()
+        time.sleep(8)
+        stop.set()
+        for t in threads:
+            t.join()
+        # Read the results straight from the master the Sentinels name now (result keys are replicated).
+        master = redis.Redis(port=sentinels_master(cluster).port, db=1)
+
+        def missing() -> list[int]:
+            ids = [(i, r.id) for i, r in accepted]  # type: ignore[attr-defined]
+            got = master.mget([f"celery-task-meta-{tid}" for _, tid in ids])
+            return [i for (i, _), raw in zip(ids, got, strict=True) if raw is None]
+
+        # Redis replicates asynchronously: what a master acknowledged in its last instant before a kill -9 may not
+        # have reached the replica that replaces it (Redis's own documented limit; the proxy cannot undo it). Such
+        # tasks are allowed, only in that instant; anything else missing is a loss.
+        def lost_outside_the_kill() -> list[int]:
+            return [i for i in missing() if not killed_at - 0.5 < accepted_at[i] <= killed_at]
+
+        try:
+            wait_for(lambda: not lost_outside_the_kill(), TIMEOUT * 2, "every accepted task's result")
+            at_kill = missing()
+            print(f"{len(accepted)} accepted; {len(at_kill)} acknowledged by the master in its last 0.5 s lost")
+        except AssertionError:
+            lost = lost_outside_the_kill()
+            broker = redis.Redis(port=sentinels_master(cluster).port, db=0)
+            ids = {i: r.id for i, r in accepted}  # type: ignore[attr-defined]
+            where = {
+                i: ("unacked" if any(ids[i].encode() in v for v in broker.hvals("unacked")) else "")
+                + ("queued" if any(ids[i].encode() in v for v in broker.lrange("celery", 0, -1)) else "")
+                for i in lost
+            }
+            raise AssertionError(f"{len(lost)} of {len(accepted)} accepted tasks have no result: {where}") from None
+        i, sample = accepted[len(accepted) // 2]
+        meta = json.loads(master.get(f"celery-task-meta-{sample.id}"))  # type: ignore[attr-defined]
+        assert meta["status"] == "SUCCESS" and meta["result"] == 2 * i
+        assert len(accepted) > 200
+        assert worker.proc.poll() is None, worker.log_tail()
+        assert "Unrecoverable error" not in worker.log_tail(10_000)
+        gap = statuses.index(503) if 503 in statuses else None
+        assert gap is not None, "the killed master never showed on /readyz"
+        assert 200 in statuses[gap:], "/readyz did not recover"
+    except BaseException:
+        print(stack.diag())
+        raise
+    finally:
+        stack.close()

@@ -17,7 +17,7 @@ NO_RETRY = Retry(NoBackoff(), 0)
 
 def test_unreachable_upstream_gets_error_then_close(start_proxy: Callable[..., ProxyProcess]) -> None:
     dead = free_port()  # nothing listens here
-    p = start_proxy(f"redis://127.0.0.1:{dead}/0")
+    p = start_proxy(f"redis://127.0.0.1:{dead}/0", env={"BROKERPROXY_UPSTREAM_WAIT": "0"})
     out = exchange(p.port, b"PING\r\nGET x\r\n")
     assert out.startswith(b"-ERR upstream unavailable: ")
     assert out.count(b"\r\n") == 1  # one error, then the connection closed
@@ -25,7 +25,25 @@ def test_unreachable_upstream_gets_error_then_close(start_proxy: Callable[..., P
     assert "upstream connect failed" in p.logs()
 
 
-def test_redis_restart_closes_clients_and_proxy_recovers(proxy: ProxyProcess, redis_server: RedisServer) -> None:
+def test_new_connections_wait_for_a_restarting_redis(
+    start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
+) -> None:
+    """upstream_wait: a connection made while Redis is down keeps retrying; once Redis is back (within the bound)
+    its commands are answered, with no error in between."""
+    proxy = start_proxy(redis_server.url(), env={"BROKERPROXY_UPSTREAM_WAIT": "10"})
+    redis_server.stop()
+    import threading
+
+    threading.Timer(1.0, redis_server.start).start()
+    t0 = time.monotonic()
+    assert exchange(proxy.port, b"PING\r\nQUIT\r\n") == b"+PONG\r\n+OK\r\n"
+    assert 0.8 < time.monotonic() - t0 < 9
+
+
+def test_redis_restart_closes_clients_and_proxy_recovers(
+    start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
+) -> None:
+    proxy = start_proxy(redis_server.url(), env={"BROKERPROXY_UPSTREAM_WAIT": "0"})
     idle = proxy.client(protocol=3, retry=NO_RETRY)
     blocked = proxy.client(protocol=3, retry=NO_RETRY, socket_timeout=10)
     sub = proxy.client(protocol=3, retry=NO_RETRY).pubsub()
