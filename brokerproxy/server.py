@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import ssl
@@ -470,6 +471,12 @@ class Server:
             return
         self.reload_users(new)
         self.reload_tls(new)
+        # Settings read per connection (TLS identity mapping, handshake timeout, upstream_tls.server_hostname...)
+        # come from the new config; listeners, the upstream address and limits need a restart.
+        self.config = dataclasses.replace(
+            self.config, tls=new.tls, upstream_tls=new.upstream_tls, acl_users=new.acl_users, users=new.users,
+            acl=new.acl,
+        )  # fmt: skip
         self.audit.event("reload", ok=True, users=len(self.authenticator.users))
 
     def reload_users(self, new: Config) -> None:

@@ -139,7 +139,8 @@ def _load_chain(prefix: str, ctx: ssl.SSLContext, m: Material) -> None:
             raise ConfigError(f"{prefix}.{key}", f"cannot read {path}: no such file")
     password = _passphrase(prefix, m)
     try:
-        ctx.load_cert_chain(m.cert_file, m.key_file or None, password=password)
+        # Never None: OpenSSL would then prompt for a passphrase on the terminal (and block) or read stdin.
+        ctx.load_cert_chain(m.cert_file, m.key_file or None, password=_no_password if password is None else password)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise ConfigError(f"{prefix}.key_file", "the key does not match the certificate") from None
@@ -155,6 +156,10 @@ def _load_chain(prefix: str, ctx: ssl.SSLContext, m: Material) -> None:
     not_after = expiry(m.cert_file)
     if not_after is not None and not_after < datetime.datetime.now(datetime.UTC).timestamp():
         raise ConfigError(f"{prefix}.cert_file", f"the certificate in {m.cert_file} has expired")
+
+
+def _no_password() -> bytes:
+    return b""
 
 
 def _encrypted(path: str) -> bool:
@@ -234,7 +239,9 @@ def set_ciphersuites(prefix: str, ctx: ssl.SSLContext, suites: str) -> None:
         raise ConfigError(key, f"no TLS 1.3 ciphersuite matches {suites!r}")
     wanted = set(suites.split(":"))
     have = {c["name"] for c in ctx.get_ciphers() if c.get("protocol") == "TLSv1.3"}
-    if not have or not have <= wanted:
+    if have and have != wanted:  # OpenSSL 3 skips unknown names: a misspelt one must not pass silently
+        raise ConfigError(key, f"unknown TLS 1.3 ciphersuite(s): {', '.join(sorted(wanted - have))}")
+    if not have:
         raise ConfigError(key, f"could not apply {suites!r} (this Python's ssl module is not the expected layout)")
 
 
@@ -308,12 +315,12 @@ class Reloadable:
     reload_failures: int = 0
 
     def __post_init__(self) -> None:
+        self._stamp = self._files_stamp()  # before building: a change while it builds is seen by the next check
         self.context = self.build()
-        self._stamp = self._files_stamp()
 
-    def _files_stamp(self) -> tuple[tuple[int, int, int], ...]:
+    def _files_stamp(self, files: tuple[str, ...] | None = None) -> tuple[tuple[int, int, int], ...]:
         out = []
-        for path in self.material.files():
+        for path in self.material.files() if files is None else files:
             try:
                 st = os.stat(path)  # follows symlinks: Kubernetes swaps a ..data symlink on secret updates
                 out.append((st.st_ino, st.st_mtime_ns, st.st_size))
@@ -326,17 +333,19 @@ class Reloadable:
 
     def reload(self, material: Material | None = None, build: Callable[[], ssl.SSLContext] | None = None) -> None:
         """Build a new context (from new settings, when given). Raises ConfigError and keeps the old on failure."""
-        stamp = self._files_stamp()
+        files = (material or self.material).files()
+        stamp = self._files_stamp(files)
         try:
             ctx = (build or self.build)()
         except ConfigError:
-            self._stamp = stamp  # do not retry the same broken files every interval; the next change retries
+            if material is None:
+                self._stamp = stamp  # do not retry the same broken files every interval; the next change retries
             self.reload_failures += 1
             raise
         self.context = ctx
-        self._stamp = stamp
         if material is not None and build is not None:
             self.material, self.build = material, build
+        self._stamp = stamp
         self.reloads += 1
 
     def certificate_expiries(self) -> dict[str, float]:

@@ -422,12 +422,6 @@ def encrypted(pki: Pki) -> tuple[Path, Path]:
     return pki.issue("encrypted", "localhost", passphrase=b"s3cret")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with no passphrase configured, load_cert_chain(password=None) lets OpenSSL prompt; without a "
-    "terminal it writes 'Enter PEM pass phrase:' to stderr (into the JSON log), reads stdin, and the OSError that "
-    "follows is reported as tls.cert_file 'Invalid argument' instead of tls.key_file 'the key is encrypted'",
-)
 def test_encrypted_key_without_passphrase(pki: Pki, encrypted: tuple[Path, Path]) -> None:
     # In a process without a controlling terminal and with stdin at EOF, as in a container.
     code = f"""
@@ -446,11 +440,6 @@ def test_encrypted_key_without_passphrase(pki: Pki, encrypted: tuple[Path, Path]
     assert out.stdout.startswith("tls.key_file | the key is encrypted"), (out.stdout, out.stderr)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: load_cert_chain(password=None) lets OpenSSL prompt 'Enter PEM pass phrase:' on /dev/tty and "
-    "block (start-up, check-config, a SIGHUP reload on the event loop) when the key is encrypted and has no passphrase",
-)
 def test_encrypted_key_without_passphrase_never_prompts(encrypted: tuple[Path, Path]) -> None:
     # The proxy started by hand in a terminal: the child gets a controlling terminal (pty.fork), the parent watches.
     code = f"""
@@ -581,11 +570,6 @@ def test_invalid_ciphersuites_are_refused(pki: Pki, suites: str) -> None:
     assert key_of(e) == "upstream_tls.ciphersuites"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: OpenSSL 3 skips unknown names in SSL_CTX_set_ciphersuites and set_ciphersuites only checks that "
-    "what was applied is a subset of what was asked, so a misspelt suite beside a valid one is dropped silently",
-)
 def test_a_misspelt_suite_beside_a_valid_one_is_refused(pki: Pki) -> None:
     with pytest.raises(ConfigError) as e:
         server_context(server_cfg(pki, ciphersuites="TLS_AES_256_GCM_SHA384:TLS_AES_256_GCM_SHA38"))
@@ -744,11 +728,6 @@ def test_reload_failure_keeps_the_old_context(rotating: tuple[Pki, ServerTLS]) -
     assert r.reload_failures == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Reloadable.reload(material, build) stamps the old material's files before switching to the new, "
-    "so after a SIGHUP that changes a TLS path the file watcher sees a change and reloads once more for nothing",
-)
 def test_reload_with_new_paths_is_not_seen_as_a_change(rotating: tuple[Pki, ServerTLS], tmp_path: Path) -> None:
     pki, cfg = rotating
     r = Reloadable("tls", lambda: server_context(cfg), cfg)
@@ -759,11 +738,6 @@ def test_reload_with_new_paths_is_not_seen_as_a_change(rotating: tuple[Pki, Serv
     assert not r.changed()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Reloadable.__post_init__ builds first and stamps the files after, so a rotation that lands between "
-    "the two is recorded as already loaded and never picked up by the watcher (reload() stamps before building)",
-)
 def test_a_rotation_during_the_first_build_is_not_missed(rotating: tuple[Pki, ServerTLS]) -> None:
     pki, cfg = rotating
     rotated = pki.issue("rotated-at-start", "localhost")
@@ -815,12 +789,6 @@ def write_config(path: Path, pki: Pki, tls_extra: str, upstream_extra: str = "")
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Server._sighup applies the new config's users and TLS files but never the new Config itself: new "
-    "connections keep mapping certificates with the old [tls] identity/identities/unmapped/handshake_timeout, and "
-    "upstream connections keep the old upstream_tls.server_hostname",
-)
 def test_sighup_applies_the_new_tls_settings(pki: Pki, tmp_path: Path, worker_peercert: dict[str, Any]) -> None:
     path = tmp_path / "proxy.toml"
     old = config_mod.load(str(write_config(path, pki, f'[tls.identities]\n"{SPIFFE}" = "worker"\n')))
