@@ -731,3 +731,29 @@ def test_audit_on_a_disk_that_fills_up(
     # The audit file's last page may take a few more lines after the filler took the rest.
     assert isinstance(final["dropped"], int) and final["dropped"] >= 30
     assert whole[-1]["event"] == "connection_closed"
+
+
+CLOSING_WITH_A_POP = (
+    "proxy bug: after QUIT or a protocol error the proxy pauses reading the client and waits (up to drain_timeout) for "
+    "the replies owed before it; a blocked pop among them stays blocked in Redis after the client has gone (its EOF "
+    "is never read), and an element pushed meanwhile is popped and written to the dead socket: lost. Redis itself "
+    "reads the EOF of a blocked client, frees it, and takes nothing"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=CLOSING_WITH_A_POP)
+@pytest.mark.parametrize("then", [b"QUIT\r\n", b"*1\r\n:1\r\n"], ids=["quit", "protocol-error"])
+def test_client_gone_after_quit_with_a_blocked_pop(redis_server: RedisServer, proxy: ProxyProcess, then: bytes) -> None:
+    """BRPOP q 0, then QUIT (or a malformed frame), then the client disconnects: the pop must end with the client
+    (as it does against Redis) and a message pushed afterwards must stay in the queue."""
+    direct = redis_server.client()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(b"PING\r\n")
+        assert s.recv(16) == b"+PONG\r\n"
+        s.sendall(b"BRPOP faults:gone 0\r\n" + then)
+        wait_for("the BRPOP to block", lambda: direct.info("clients")["blocked_clients"] == 1, 5)
+    time.sleep(1.0)  # the client is gone; Redis would have dropped its BRPOP by now
+    blocked = direct.info("clients")["blocked_clients"]
+    direct.lpush("faults:gone", "precious")
+    time.sleep(1.0)
+    assert direct.lrange("faults:gone", 0, -1) == [b"precious"], f"lost (the pop was still blocked: {blocked})"
