@@ -149,7 +149,7 @@ _REPLACE = 3  # reply from Redis dropped, a local reply sent instead (EXEC turne
 
 
 class _Slot:
-    __slots__ = ("data", "expected", "hook", "kind", "name", "ok_key", "plain", "request")
+    __slots__ = ("data", "expected", "hook", "kind", "name", "ok_key", "plain", "queued", "request")
 
     def __init__(
         self,
@@ -170,6 +170,8 @@ class _Slot:
         self.plain = kind == _FORWARD and expected == 1 and not hook and request is None
         # Its key in the observer's command counter, made once per name rather than once per command.
         self.ok_key = (self.name if self.name in KNOWN_COMMANDS else UNKNOWN, "ok")
+        # EXEC: the pops queued in its transaction, by position in its reply (their own replies were +QUEUED).
+        self.queued: list[tuple[int, resp.Request]] = []
 
 
 #: Commands that never take a plain slot: their replies are read (pops), or they may block (CLIENT UNBLOCK).
@@ -184,6 +186,7 @@ _INT_REPLY_WATCHED = frozenset({"lpush", "rpush", "lpushx", "rpushx"})
 _FAST_REPLY_MAX = 16 * 1024
 _ReplyError = resp.ReplyErrorType
 #: Pops whose keys are all between the name and a trailing timeout: the ones the consumers gauge follows.
+_QUEUED = b"+QUEUED\r\n"
 _CONSUMER_POPS = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax"})
 _NOT_FAST: frozenset[str] = frozenset()  # filled in below, once _HANDLERS exists
 _BROKEN = object()  # what _gets returns when hiredis cannot read a frame
@@ -279,6 +282,8 @@ class Session:
         self.db = 0
         self._in_multi = False
         self._multi_dirty = False
+        self._multi_pops: list[tuple[int, resp.Request]] = []  # pops queued in this MULTI, by position
+        self._multi_queued = 0  # commands queued in this MULTI so far
         self._channels: set[bytes] = set()
         self._patterns: set[bytes] = set()
         self._shard: set[bytes] = set()
@@ -292,7 +297,7 @@ class Session:
         self._upstream_failed = False  # Redis refused the proxy's handshake
         # Pop replies written to the client: (end offset in the client byte stream, request, raw reply).
         self._written = 0
-        self._delivered_pops: deque[tuple[int, resp.Request, bytes]] = deque()
+        self._delivered_pops: deque[tuple[int, _Slot, bytes]] = deque()
 
         if self.user is not None:
             self._open_upstream()
@@ -382,6 +387,7 @@ class Session:
             or self.user is None
             or self._reply_off
             or self._reply_skip
+            or self._in_multi  # commands queued in MULTI are counted (_forward), for EXEC's reply
             or self._requests.buffered
             or data[:1] != b"*"
             # A read this short cannot hold an argument or an argument count over the limits.
@@ -480,6 +486,10 @@ class Session:
                 observer.on_request(req.args, self._in_multi)
             if name in _CONSUMER_POPS:
                 observer.consumer_blocked(req.args[1:-1])
+        if self._in_multi and req.name not in ("multi", "exec", "discard"):
+            if req.name in POPS:
+                self._multi_pops.append((self._multi_queued, req))
+            self._multi_queued += 1
         if self._reply_off or self._reply_skip:
             self._reply_skip = False
             expected = 0
@@ -651,6 +661,7 @@ class Session:
         if not self._in_multi:
             self._in_multi = True
             self._multi_dirty = False
+            self._multi_pops, self._multi_queued = [], 0
         self._forward(req)
 
     def _cmd_exec(self, req: resp.Request) -> None:
@@ -659,8 +670,15 @@ class Session:
             self._out_upstream += resp.encode_command([b"DISCARD"])
             self._slots.append(_Slot(_REPLACE, data=resp.error(EXECABORT)))
         else:
+            pops = self._multi_pops if self._in_multi else []
+            slots = len(self._slots)
             self._forward(req)
+            if pops and len(self._slots) > slots:
+                # Its reply carries what the queued pops took: read it (not a plain slot) if the client is gone.
+                slot = self._slots[-1] = _Slot(_FORWARD, request=req)
+                slot.queued = pops
         self._in_multi = self._multi_dirty = False
+        self._multi_pops, self._multi_queued = [], 0
 
     def _cmd_discard(self, req: resp.Request) -> None:
         self._in_multi = self._multi_dirty = False
@@ -902,8 +920,8 @@ class Session:
                 self._lost_reply(slot, raw)
             else:
                 out += raw
-                if req is not None and req.name in POPS and not _is_null(raw):
-                    self._delivered_pops.append((self._written + len(out), req, raw))
+                if req is not None and (req.name in POPS or slot.queued) and not _is_null(raw) and raw != _QUEUED:
+                    self._delivered_pops.append((self._written + len(out), slot, raw))
         else:
             self._special_reply(slot, raw)
         self._flush_local()
@@ -956,9 +974,25 @@ class Session:
                 self._subscribed_seen = value[2]
 
     def _lost_reply(self, slot: _Slot, raw: bytes) -> None:
-        """A reply whose client is gone: put back what a pop took."""
-        if slot.request is not None and slot.request.name in POPS and not _is_null(raw):
-            self._requeues += requeue_for(slot.request.args, resp.decode(raw))
+        """A reply whose client is gone: put back what a pop took (or the pops of a transaction, from EXEC's)."""
+        self._requeues += self._taken(slot, raw)
+
+    def _taken(self, slot: _Slot, raw: bytes) -> Requeue:
+        """The requeue commands that undo what ``raw``, the reply to ``slot``, took from the queues."""
+        req = slot.request
+        if req is None or _is_null(raw) or raw == _QUEUED:  # a pop queued in MULTI answers +QUEUED: nothing taken
+            return []
+        if req.name in POPS:
+            return requeue_for(req.args, resp.decode(raw))
+        out: Requeue = []
+        if slot.queued:
+            results = resp.decode(raw)
+            if isinstance(results, list):
+                for position, pop in slot.queued:
+                    if position < len(results) and results[position] is not None:
+                        if not isinstance(results[position], resp.ErrorReply):
+                            out += requeue_for(pop.args, results[position])
+        return out
 
     # -------------------------------------------------------------------------------- teardown
 
@@ -971,7 +1005,7 @@ class Session:
         pop served in the same event-loop turn as the EOF would be lost inside Redis."""
         self._gone = True
         self._out_client.clear()
-        return any(s.request is not None and s.request.name in POPS for s in self._slots)
+        return any(s.queued or (s.request is not None and s.request.name in POPS) for s in self._slots)
 
     @property
     def blocked(self) -> bool:
@@ -1001,9 +1035,9 @@ class Session:
         """The client died with ``unsent`` bytes still in the transport's buffer: requeue the pops among them."""
         cutoff = self._written - unsent
         out: Requeue = []
-        for end, req, raw in self._delivered_pops:
+        for end, slot, raw in self._delivered_pops:
             if end > cutoff:
-                out += requeue_for(req.args, resp.decode(raw))
+                out += self._taken(slot, raw)
         self._delivered_pops.clear()
         return out
 

@@ -52,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -64,7 +65,7 @@ from celery import Celery, chord, group
 
 from brokerproxy import resp
 from brokerproxy.keyspec import ALL_COMMANDS
-from tests.conftest import ProxyProcess, RedisServer
+from tests.conftest import ProxyProcess, RedisServer, free_port
 from tests.integration.celery_app import make_app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,13 +115,19 @@ KNOWN_CLIENT_REPLY_DESYNC = True
 # queued in MULTI, the proxy takes Redis's +QUEUED for the pop's reply: RPOP/LPOP push the string "QUEUED" into the
 # list, the other pops raise AssertionError in requeue_for out of the upstream data_received. Until fixed, that
 # traceback is counted as known (the bogus elements land in the fuzzer's own lists).
-KNOWN_QUEUED_POP = True
+KNOWN_QUEUED_POP = False  # fixed: pops queued in MULTI are put back from EXEC's reply
 
 # Known bug, tested on its own in test_hello_refused_in_subscribed_mode (xfail): a RESP2 connection in subscribed
 # mode that pipelines HELLO 3 and a (P)(UN)SUBSCRIBE: Redis refuses the HELLO there and stays RESP2, the proxy has
 # already counted the next confirmations as RESP3 pushes, logs "reply from upstream with no request waiting for it"
 # and closes. Until fixed, that error after HELLO and SUBSCRIBE is counted as known.
 KNOWN_HELLO_IN_SUBSCRIBED = True
+
+# Known bug (no test of its own: a race): brokerproxy_upstream_connections drifts below zero under the fuzzer. The
+# likely path: a client closed while its upstream connection completes; asyncio.wait_for in Python 3.11 then returns
+# the transport instead of raising the cancellation, ClientConnection._connect closes it (the "client left while we
+# connected" branch) before counting it, and upstream_lost() decrements it anyway.
+KNOWN_UPSTREAM_GAUGE = True
 
 # Known bug, tested on its own in test_map_with_an_aggregate_key (xfail): HiredisRequestParser.next catches only
 # hiredis.ProtocolError; hiredis raises TypeError for a RESP3 map whose key is a map or an array (and MemoryError for
@@ -724,18 +731,26 @@ class Workload:
     worker: CeleryWorker
     proxy: ProxyProcess
     redis: RedisServer
+    metrics_port: int
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+        assert len(values) == 1, f"{name} not in /metrics"
+        return values[0]
 
 
 @pytest.fixture
 def workload(redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> Iterator[Workload]:
-    proxy = start_proxy(redis_server.url(), "--metrics-listen", "127.0.0.1:0", config=ACL_CONFIG)
+    metrics_port = free_port()
+    proxy = start_proxy(redis_server.url(), "--metrics-listen", f"127.0.0.1:{metrics_port}", config=ACL_CONFIG)
     base = f"redis://celery:{CELERY_PASSWORD}@127.0.0.1:{proxy.port}"
     env = {"BROKER_URL": f"{base}/0", "RESULT_URL": f"{base}/1", "STATE_URL": f"{base}/2"}
     app = make_app(env["BROKER_URL"], env["RESULT_URL"], env["STATE_URL"], main="fuzzclient")
     worker = CeleryWorker(tmp_path, env)
     try:
         worker.wait_ready(app)
-        yield Workload(app, worker, proxy, redis_server)
+        yield Workload(app, worker, proxy, redis_server, metrics_port)
     finally:
         worker.kill()
         gc.collect()  # AsyncResult.__del__ talks to the backend: now, while it answers
@@ -870,6 +885,12 @@ def run_fuzz(w: Workload, seconds: float, connections: int) -> None:
     ran = {n: d for n, d in ran.items() if d > 0 and n not in stats_before}
     if ran:
         findings.append(f"commands the fuzz user may not run reached Redis: {ran}")
+    upstream_gauge = w.metric("brokerproxy_upstream_connections")
+    if upstream_gauge < 0:
+        if KNOWN_UPSTREAM_GAUGE:
+            stats.known["brokerproxy_upstream_connections below zero"] += 1
+        else:
+            findings.append(f"brokerproxy_upstream_connections is {upstream_gauge}")
     worker_errors = [line for line in w.worker.log().splitlines() if "ERROR/" in line or "CRITICAL/" in line]
     if worker_errors:
         findings.append("the Celery worker logged errors:\n" + "\n".join(worker_errors[:10]))
@@ -1080,7 +1101,6 @@ QUEUED_POP = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=QUEUED_POP)
 @pytest.mark.parametrize(
     "commands",
     [
