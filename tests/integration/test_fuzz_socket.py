@@ -136,6 +136,10 @@ KNOWN_HIREDIS_EXCEPTIONS = True
 # protocol error, an AUTH reply, a refusal) is written before them. Until it is fixed, push frames after the proxy's
 # protocol error are counted as this bug rather than reported.
 KNOWN_PUSH_ORDER_BUG = True
+# Known deviation (no test of its own: a race): between its protocol error reply and the close, the proxy still
+# forwards pub/sub traffic that Redis sends meanwhile (a message in the same upstream read as the reply owed before
+# the error); Redis sends nothing after "-ERR Protocol error". Counted as known while on.
+KNOWN_PUBSUB_AFTER_ERROR = True
 _HUGE_AGGREGATE = re.compile(rb"([*~>|])(\d{7,})\r")
 
 
@@ -563,13 +567,35 @@ def check_outcome(o: Outcome, known: Counter[str]) -> str | None:
     for i, f in enumerate(frames):
         if f.raw.startswith(b"-ERR Protocol error") and i != len(frames) - 1:
             after = frames[i + 1 :]
-            if KNOWN_PUSH_ORDER_BUG and all(a.kind == ord(">") for a in after):
+            if KNOWN_PUSH_ORDER_BUG and all(a.kind == ord(">") and _is_confirmation(a.raw) for a in after):
                 known["RESP3 (un)subscribe confirmations after a later local reply"] += 1
+                break
+            if KNOWN_PUBSUB_AFTER_ERROR and all(_is_pubsub(a.raw) for a in after):
+                known["pub/sub traffic forwarded after the proxy's protocol error"] += 1
                 break
             return f"frames after the proxy's protocol error: {b''.join(a.raw for a in after)[:200]!r}"
     if o.closed_by_proxy and rest:
         return f"the proxy closed the connection in the middle of a frame: {rest[:80]!r}"
     return None
+
+
+_CONFIRMATIONS = (b"subscribe", b"unsubscribe", b"psubscribe", b"punsubscribe", b"ssubscribe", b"sunsubscribe")
+
+
+def _first_element(raw: bytes) -> bytes:
+    parts = raw.split(b"\r\n", 3)
+    return parts[2].lower() if len(parts) > 2 else b""
+
+
+def _is_confirmation(raw: bytes) -> bool:
+    return _first_element(raw) in _CONFIRMATIONS
+
+
+def _is_pubsub(raw: bytes) -> bool:
+    """A push frame, or a RESP2 pub/sub message or (un)subscribe confirmation."""
+    return raw[:1] == b">" or (
+        raw[:1] == b"*" and _first_element(raw) in (*_CONFIRMATIONS, b"message", b"pmessage", b"smessage")
+    )
 
 
 def protocol_error(o: Outcome) -> bytes | None:
