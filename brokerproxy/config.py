@@ -55,6 +55,16 @@ DEFAULT_AUTH_TIMEOUT = 10.0
 AUTH_BACKOFF_BASE = 0.05
 AUTH_BACKOFF_MAX = 2.0
 
+#: Client connections served at once (Redis's maxclients); the next gets "-ERR max number of clients reached".
+DEFAULT_MAX_CLIENTS = 10_000
+#: Seconds of silence before TCP keepalive probes start, on both sides (Redis's tcp-keepalive); 0 turns it off.
+DEFAULT_TCP_KEEPALIVE = 300
+#: Redis's client-output-buffer-limit defaults: "hard soft soft-seconds" per class (0 = no limit). A normal client
+#: is held back by backpressure instead (the proxy stops reading Redis for it); a subscriber is not (Redis would
+#: then buffer for it), so past these it is disconnected.
+DEFAULT_OUTPUT_LIMIT_NORMAL = "0 0 0"
+DEFAULT_OUTPUT_LIMIT_PUBSUB = "32mb 8mb 60"
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_PREFIX = "BROKERPROXY_"
 
@@ -106,6 +116,42 @@ class Upstream:
             return str(self.sentinel).replace("sentinel://", "sentinels://", 1) if self.tls else str(self.sentinel)
         who = f"{self.username}@" if self.username else ""
         return f"{'rediss' if self.tls else 'redis'}://{who}{self.host}:{self.port}/{self.db}"
+
+
+@dataclass(frozen=True)
+class OutputLimit:
+    """One class of Redis's client-output-buffer-limit: bytes (0 = none) and the seconds over ``soft`` allowed."""
+
+    hard: int = 0
+    soft: int = 0
+    soft_seconds: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hard or self.soft)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+
+
+def _memory(key: str, text: str) -> int:
+    """Redis's memory units: 1k = 1000, 1kb = 1024 (and m/mb, g/gb)."""
+    t = text.strip().lower()
+    digits = t.rstrip("kmgb")
+    unit = t[len(digits) :]
+    if not digits.isdigit() or unit not in _UNITS:
+        raise ConfigError(key, f"expected a size such as 32mb, got {text!r}")
+    return int(digits) * _UNITS[unit]
+
+
+def parse_output_limit(key: str, value: Any) -> OutputLimit:
+    if not isinstance(value, str) or len(value.split()) != 3:
+        why = f'expected "hard soft soft-seconds" as Redis writes it, such as "32mb 8mb 60", got {value!r}'
+        raise ConfigError(key, why)
+    hard, soft, seconds = value.split()
+    if not seconds.isdigit():
+        raise ConfigError(key, f"soft-seconds must be a whole number, got {seconds!r}")
+    return OutputLimit(_memory(key, hard), _memory(key, soft), float(seconds))
 
 
 @dataclass(frozen=True)
@@ -196,6 +242,11 @@ class Config:
     tls: ServerTLS = field(default_factory=ServerTLS)
     upstream_tls: ClientTLS = field(default_factory=ClientTLS)
     workers: int = DEFAULT_WORKERS
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    idle_timeout: float = 0.0  # Redis's timeout: close a client idle this long (never a subscriber or a blocked pop)
+    tcp_keepalive: int = DEFAULT_TCP_KEEPALIVE
+    client_output_buffer_limit_normal: OutputLimit = OutputLimit()
+    client_output_buffer_limit_pubsub: OutputLimit = OutputLimit(32 * 1024**2, 8 * 1024**2, 60.0)
     #: The parsed users of [acl] and [[users]] (validated at load; re-read by ``acl_users()`` on reload).
     acl_users: tuple[AclUser, ...] = field(default=(), repr=False, compare=False)
 
@@ -348,6 +399,11 @@ SCALARS: dict[str, Any] = {
     "auth_timeout": _positive(float),
     "tls_listen": parse_address,
     "workers": _workers,
+    "max_clients": _positive(int),
+    "idle_timeout": lambda key, value: _non_negative(key, value),
+    "tcp_keepalive": lambda key, value: int(_non_negative(key, value)),
+    "client_output_buffer_limit_normal": parse_output_limit,
+    "client_output_buffer_limit_pubsub": parse_output_limit,
 }
 METRICS_KEYS = {
     "max_queues": _positive(int),

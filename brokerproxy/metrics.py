@@ -71,6 +71,9 @@ PROTOCOL_ERRORS = "brokerproxy_protocol_errors_total"
 AUTH_FAILURES = "brokerproxy_auth_failures_total"
 RELOAD_FAILURES = "brokerproxy_config_reload_failures_total"
 ACL_DENIALS = "brokerproxy_acl_denials_total"
+CLIENT_REJECTIONS = "brokerproxy_client_rejections_total"
+OUTPUT_LIMIT_DISCONNECTS = "brokerproxy_client_output_limit_disconnects_total"
+IDLE_DISCONNECTS = "brokerproxy_client_idle_disconnects_total"
 TLS_HANDSHAKE_FAILURES = "brokerproxy_tls_handshake_failures_total"
 TLS_RELOADS = "brokerproxy_tls_reloads_total"
 TLS_CERT_EXPIRY = "brokerproxy_tls_certificate_expiry_timestamp_seconds"
@@ -105,6 +108,12 @@ METRICS: tuple[Spec, ...] = (
     Spec(AUTH_FAILURES, "counter", (), "Failed client authentications."),
     Spec(RELOAD_FAILURES, "counter", (), "SIGHUP reloads refused (the old users and rules stay)."),
     Spec(ACL_DENIALS, "counter", ("user", "kind"), "Commands the ACL refused, by user and what was refused."),
+    Spec(CLIENT_REJECTIONS, "counter", ("reason",), "Connections turned away: max_clients reached."),
+    Spec(
+        OUTPUT_LIMIT_DISCONNECTS, "counter", ("class",),
+        "Clients disconnected for an output buffer over client_output_buffer_limit (normal or pubsub).",
+    ),
+    Spec(IDLE_DISCONNECTS, "counter", (), "Clients closed after idle_timeout seconds without a request."),
     Spec(
         TLS_HANDSHAKE_FAILURES, "counter", ("listener", "reason"),
         "TLS handshakes that failed: no_certificate, unknown_ca, expired, protocol_version, not_tls, timeout, closed, "
@@ -209,6 +218,11 @@ class ObserverCollector(Collector):
         add(RELOAD_FAILURES, [], o.reload_failures)
         for (user, kind), n in list(o.acl_denials.items()):
             add(ACL_DENIALS, [user, kind], n)
+        for reason, n in list(o.client_rejections.items()):
+            add(CLIENT_REJECTIONS, [reason], n)
+        for kind, n in list(o.output_limit_disconnects.items()):
+            add(OUTPUT_LIMIT_DISCONNECTS, [kind], n)
+        add(IDLE_DISCONNECTS, [], o.idle_disconnects)
         for (listener, reason), n in list(o.tls_handshake_failures.items()):
             add(TLS_HANDSHAKE_FAILURES, [listener, reason], n)
         for (listener, result), n in list(o.tls_reloads.items()):

@@ -316,6 +316,9 @@ class Observer:
         self.reload_failures = 0
         self.acl_denials: dict[tuple[str, str], int] = {}  # (user, kind)
         self.requeue_failures = 0
+        self.client_rejections: dict[str, int] = {}  # reason: max_clients
+        self.output_limit_disconnects: dict[str, int] = {}  # class: normal, pubsub
+        self.idle_disconnects = 0
         self.tls_handshake_failures: dict[tuple[str, str], int] = {}  # (listener, reason)
         self.tls_reloads: dict[tuple[str, str], int] = {}  # (listener, "ok" | "failed")
         self.tls_expiry: dict[tuple[str, str], float] = {}  # (listener, role) -> notAfter, Unix seconds
@@ -855,6 +858,12 @@ class Observer:
 
     def auth_failed(self) -> None:
         self.auth_failures += 1
+
+    def client_rejected(self, reason: str) -> None:
+        self.client_rejections[reason] = self.client_rejections.get(reason, 0) + 1
+
+    def output_limit_exceeded(self, kind: str) -> None:
+        self.output_limit_disconnects[kind] = self.output_limit_disconnects.get(kind, 0) + 1
 
     def tls_handshake_failed(self, listener: str, reason: str) -> None:
         """``reason`` is one of tls.REASONS (or "plaintext_port"): a bounded set, checked by the caller."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from typing import TYPE_CHECKING, cast
 
@@ -28,6 +29,21 @@ if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("brokerproxy.proxy")
+
+
+def keepalive(transport: asyncio.BaseTransport, idle: int) -> None:
+    """TCP keepalive with probes after ``idle`` seconds of silence (Redis's tcp-keepalive), where the OS allows."""
+    sock = transport.get_extra_info("socket")
+    if not idle or sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    except OSError:
+        pass  # a socket type without TCP options (a test's unix socket): nothing to keep alive
 
 
 class _UpstreamProtocol(asyncio.Protocol):
@@ -87,14 +103,30 @@ class ClientConnection(asyncio.Protocol):
         self.peer = "?"
         self.peer_host = "?"
         self.upstream_addr: tuple[str, int] | None = None  # where this connection's upstream went
+        self.rejected = False  # turned away (max_clients): none of the rest applies
+        self._limits_on = False
+        self._soft_since: float | None = None  # when the output buffer went over the soft limit
+        self.idle_mark = -1  # bytes_in at the last idle sweep (server._sweep_idle)
+        self.idle_sweeps = 0  # sweeps in a row that saw no new request bytes
 
     # ------------------------------------------------------------------------ client transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
+        cfg = self.server.config
+        if self.server.connections >= cfg.max_clients:
+            # As Redis: the error, then the close; this connection never counts as served.
+            self.rejected = True
+            self.server.observer.client_rejected("max_clients")
+            transport.write(b"-ERR max number of clients reached\r\n")
+            transport.close()
+            return
         self.transport = transport
-        transport.set_write_buffer_limits(high=self.server.config.write_buffer_high_water)
+        transport.set_write_buffer_limits(high=cfg.write_buffer_high_water)
+        keepalive(transport, cfg.tcp_keepalive)
+        # Output limits (Redis's client-output-buffer-limit), checked only when one applies to this client's class.
+        self._limits_on = cfg.client_output_buffer_limit_normal.enabled or cfg.client_output_buffer_limit_pubsub.enabled
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.peer_host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
@@ -146,6 +178,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.rejected:
+            return
         if self._held is not None:  # backing off after failed authentications
             self._held += data
             self.pause_client_reading("auth-backoff")
@@ -170,12 +204,16 @@ class ClientConnection(asyncio.Protocol):
                 self.server.audit.event("auth", self.id, peer=self.peer, user=self._audit_user, ok=True)
 
     def eof_received(self) -> bool | None:
+        if self.rejected:
+            return False
         # Redis treats a client's EOF as the client gone; so does the proxy, at once: a pop reply that arrives
         # from now on must be requeued, not written to a transport that is closing.
         self._client_left()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.rejected:
+            return
         self._client_closed = True
         if self._close_timer is not None:
             self._close_timer.cancel()
@@ -224,7 +262,10 @@ class ClientConnection(asyncio.Protocol):
         self.server.unblock(self.session.upstream_id, self.upstream_done, self.upstream_addr)
 
     def pause_writing(self) -> None:
-        # The client reads slower than Redis answers: stop reading Redis until it catches up.
+        # The client reads slower than Redis answers: stop reading Redis until it catches up. Not for a subscriber
+        # under an output limit: Redis would then buffer for it; the limit disconnects it instead (as Redis does).
+        if self._limits_on and self.session.subscribed and self.server.config.client_output_buffer_limit_pubsub.enabled:
+            return
         if self.upstream is not None and not self._upstream_paused:
             self.upstream.pause_reading()
             self._upstream_paused = True
@@ -281,6 +322,7 @@ class ClientConnection(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=self.server.config.write_buffer_high_water)
         self.upstream = transport
+        keepalive(transport, self.server.config.tcp_keepalive)
         self.server.observer.upstream_connections += 1
         if self._pending_up:
             transport.write(bytes(self._pending_up))
@@ -387,6 +429,8 @@ class ClientConnection(asyncio.Protocol):
             self._bytes_out += len(out)
             if session.tracking_pops:
                 self._note_delivered()
+            if self._limits_on and self._over_output_limit(transport):
+                return
         up = session.take_upstream()
         if up:
             if self.upstream is not None:
@@ -435,6 +479,33 @@ class ClientConnection(asyncio.Protocol):
                     extra={"peer": self.peer, "user": event.username, "command": event.command, "kind": event.kind},
                 )
 
+    def _over_output_limit(self, transport: asyncio.Transport) -> bool:
+        """Redis's client-output-buffer-limit: past ``hard``, or past ``soft`` for ``soft_seconds``, the client is
+        disconnected (its undelivered pops are requeued as for any client that goes away) and counted."""
+        cfg = self.server.config
+        kind = "pubsub" if self.session.subscribed else "normal"
+        limit = cfg.client_output_buffer_limit_pubsub if kind == "pubsub" else cfg.client_output_buffer_limit_normal
+        if not limit.enabled:
+            return False
+        size = transport.get_write_buffer_size()
+        now = asyncio.get_running_loop().time()
+        over = bool(limit.hard and size > limit.hard)
+        if limit.soft and size > limit.soft:
+            if self._soft_since is None:
+                self._soft_since = now
+            elif now - self._soft_since >= limit.soft_seconds:
+                over = True
+        else:
+            self._soft_since = None
+        if over:
+            self.server.observer.output_limit_exceeded(kind)
+            log.warning(
+                "client output buffer over its limit; disconnecting",
+                extra={"peer": self.peer, "class": kind, "buffered": size},
+            )
+            transport.abort()
+        return over
+
     def _note_delivered(self) -> None:
         transport = self.transport
         if transport is not None:
@@ -477,6 +548,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self._close_when_flushed()
         self._unblock_if_blocked()
+
+    @property
+    def bytes_in(self) -> int:
+        return self._bytes_in
 
     @property
     def user(self) -> str | None:

@@ -137,6 +137,27 @@ class Server:
         """The client connections open now (the status page counts them by user and listener)."""
         return tuple(self._connections)
 
+    async def _sweep_idle(self, timeout: float) -> None:
+        """Redis's ``timeout``: close a client that sent nothing for ``timeout`` seconds, unless it is subscribed or
+        blocked in a pop (as in Redis). Counted by request bytes between sweeps: nothing on the hot path."""
+        interval = min(1.0, timeout / 4)
+        while True:
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            for conn in list(self._connections):
+                session = conn.session
+                if conn.bytes_in != conn.idle_mark or session.subscribed or session.blocked or session.pending:
+                    conn.idle_mark, conn.idle_sweeps = conn.bytes_in, 0
+                    continue
+                conn.idle_sweeps += 1
+                if conn.idle_sweeps * interval >= timeout:
+                    self.observer.idle_disconnects += 1
+                    log.info("closing an idle client", extra={"peer": conn.peer, "idle_timeout": timeout})
+                    conn.close()
+
     # ------------------------------------------------------------------------ Sentinel
 
     def _master_switched(self, old: tuple[str, int] | None, new: tuple[str, int]) -> None:
@@ -372,6 +393,8 @@ class Server:
             await listener.start()
             self._tls_listeners.append(listener)
             log.info("listening", extra={"listener": "tls", "address": str(self.config.tls_listen)})
+        if self.config.idle_timeout > 0:
+            self.spawn(self._sweep_idle(self.config.idle_timeout), "idle sweep")
         intervals = [
             m.material.watch_interval  # type: ignore[attr-defined]
             for m in (self.tls, self.upstream_tls)

@@ -53,6 +53,8 @@ class TLSClientConnection(ClientConnection):
                 return
             self._identity = identity
         super().connection_made(transport)
+        if self.rejected:
+            return
         if self._identity is not None and server.audit.enabled:
             server.audit.event("auth", self.id, peer=self.peer, user=self._identity, ok=True, method="certificate")
 
