@@ -448,7 +448,10 @@ class ClientConnection(asyncio.Protocol):
                 if event.reason.startswith("protocol error"):
                     self.server.observer.protocol_error("client")
                     log.info("client protocol error", extra={"peer": self.peer, "error": event.reason})
-                transport.pause_reading()
+                if not session.blocked:
+                    transport.pause_reading()  # nothing more will be read (the session ignores it anyway)
+                # With a blocked pop outstanding, keep reading (and ignoring) so that the client's going away is
+                # seen: the pop must then end with it, as in Redis, not wait for the close timer and take a message.
                 self._close_when_flushed()
             elif isinstance(event, UpstreamFailed):
                 self.server.observer.upstream_error("auth")

@@ -741,7 +741,6 @@ CLOSING_WITH_A_POP = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=CLOSING_WITH_A_POP)
 @pytest.mark.parametrize("then", [b"QUIT\r\n", b"*1\r\n:1\r\n"], ids=["quit", "protocol-error"])
 def test_client_gone_after_quit_with_a_blocked_pop(redis_server: RedisServer, proxy: ProxyProcess, then: bytes) -> None:
     """BRPOP q 0, then QUIT (or a malformed frame), then the client disconnects: the pop must end with the client
