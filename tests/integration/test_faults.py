@@ -304,9 +304,10 @@ def test_half_frame_stall_does_not_disturb_others(
 ) -> None:
     """Fifty clients send half a frame and stall. Another client's PING round trips stay fast meanwhile.
 
-    What the proxy does with them (documented here): nothing. An authenticated client (here everyone, no users) is
-    held for as long as it stays connected; ``auth_timeout`` applies only before authentication and there is no
-    idle timeout yet (issue 7 asks for an optional one). When the rest of the frame arrives, it is served."""
+    What the proxy does with them by default (documented here): nothing. An authenticated client (here everyone, no
+    users) is held for as long as it stays connected; ``auth_timeout`` applies only before authentication, and
+    ``idle_timeout`` (Redis's ``timeout``) is off by default (see the next test). When the rest of the frame
+    arrives, it is served."""
     proxy = start_proxy(redis_server.url(), config="auth_timeout = 1\n")
     baseline = rtts(proxy.port, 20, 0.01)
     stalled = []
@@ -357,6 +358,41 @@ def test_half_frame_before_auth_is_closed_by_auth_timeout(
     assert 0.5 < waited < 5.0, waited
     assert ping_as_app(proxy.port)
     proxy_alive(proxy)
+
+
+def test_half_frame_stall_closed_by_idle_timeout(
+    redis_server: RedisServer, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    """With ``idle_timeout``, a client stalled in the middle of a frame is closed, as Redis's ``timeout`` does; a
+    client blocked in a pop is not, however long it waits."""
+    proxy = start_proxy(redis_server.url(), config="idle_timeout = 1\n")
+    stalled = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    stalled.sendall(HALF_FRAMES[0])
+    blocked = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    blocked.sendall(resp.encode_command([b"BRPOP", b"faults:idle", b"0"]))
+    t0 = time.monotonic()
+    try:
+        data = stalled.recv(64)
+    except ConnectionResetError:
+        data = b""
+    waited = time.monotonic() - t0
+    print(f"stalled client closed after {waited:.2f}s")
+    assert data == b""
+    assert 0.5 < waited < 10.0, waited
+    time.sleep(1.5)
+    assert still_open(blocked), "a client blocked in a pop was closed as idle"
+    redis_server.client().lpush("faults:idle", "m")
+    assert parse_one(blocked) == [b"faults:idle", b"m"]
+    stalled.close()
+    blocked.close()
+    proxy_alive(proxy)
+
+
+def parse_one(sock: socket.socket) -> object:
+    parser = resp.ReplyParser()
+    while (frame := parser.next()) is None:
+        parser.feed(sock.recv(65536))
+    return resp.decode(frame[1])
 
 
 def ping_as_app(port: int) -> bool:
