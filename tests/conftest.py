@@ -23,6 +23,11 @@ import redis
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak-minutes", type=float, default=1.5, help="test_soak's duration (default 1.5)")
+    parser.addoption("--soak-report", default=None, help="test_soak writes PREFIX.json and PREFIX.md")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
