@@ -46,10 +46,9 @@ from tests.integration.test_faults import (
     Consumer,
     open_fds,
     ping,
-    proxy_events,
     wait_for,
 )
-from tests.integration.test_fuzz_socket import HUGE_HEADERS, TOKENS, rss_bytes
+from tests.integration.test_fuzz_socket import HUGE_HEADERS, TOKENS, avoid_known_stall, known_error, rss_bytes
 
 DEFAULT_MINUTES = 1.5
 KEY = "soak:q"
@@ -203,7 +202,9 @@ class Faults:
         sock = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=5)
         try:
             sock.sendall(resp.encode_command([b"BRPOP", KEY.encode(), b"5"]))
-            time.sleep(self.rng.uniform(0.05, 1.5))
+            # Often within milliseconds (the pop blocked in Redis or its reply on its way through the proxy),
+            # otherwise later (by then it has usually popped: the queue is rarely empty for long).
+            time.sleep(self.rng.uniform(0, 0.004) if self.rng.random() < 0.6 else self.rng.uniform(0.05, 1.5))
             sock.setblocking(False)
             data = b""
             try:
@@ -286,6 +287,9 @@ class Faults:
                     payload = b"*" + self.rng.randbytes(self.rng.randint(1, 300))
                 else:
                     payload = b"*" + b"".join(self.rng.choice(TOKENS) for _ in range(self.rng.randint(1, 30)))
+                # As the fuzzer does while its known hiredis bug is open: no aggregate count that makes hiredis
+                # allocate for seconds (HIREDIS_HUGE_ARRAY); the counts it rewrites to are still refused.
+                payload = avoid_known_stall(payload)
                 try:
                     s = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=5)
                 except OSError:
@@ -348,21 +352,31 @@ def median_of(samples: list[tuple[float, int, int]], quarter: int, field: int) -
     return statistics.median(s[field] for s in part)
 
 
-def log_findings(proxy: ProxyProcess) -> tuple[int, Counter[str], list[str]]:
-    text = proxy.logs()
-    tracebacks = text.count("Traceback")
+def log_findings(proxy: ProxyProcess) -> tuple[int, Counter[str], Counter[str], list[str]]:
+    """(tracebacks outside known bugs, unexplained error lines by event, known product bugs by the fuzzer's
+    classification (test_fuzz_socket.known_error, which follows its KNOWN_* switches), examples)."""
+    tracebacks = 0
     errors: Counter[str] = Counter()
+    known: Counter[str] = Counter()
     examples: list[str] = []
-    for e in proxy_events(proxy):
-        if e.get("level") in ("error", "critical"):
-            errors[str(e.get("event") or e.get("msg") or e.get("message"))] += 1
-            if len(examples) < 10:
-                examples.append(json.dumps(e)[:400])
-    return tracebacks, errors, examples
-
-
-# Error lines explained by the faults themselves (event text → why). Anything else fails the soak.
-EXPLAINED_ERRORS: dict[str, str] = {}
+    for line in proxy.logs().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            tracebacks += line.count("Traceback")
+            continue
+        if not isinstance(e, dict) or e.get("level") not in ("error", "critical"):
+            tracebacks += line.count("Traceback")
+            continue
+        if len(examples) < 10:
+            examples.append(line[:600])
+        why = known_error(e, b"")
+        if why is not None:
+            known[why] += 1
+            continue
+        tracebacks += line.count("Traceback")
+        errors[str(e.get("event") or e.get("msg") or e.get("message"))] += 1
+    return tracebacks, errors, known, examples
 
 
 def write_report(prefix: str, figures: dict[str, Any]) -> None:
@@ -426,7 +440,8 @@ def write_report(prefix: str, figures: dict[str, Any]) -> None:
         f"{res['fds']['q2_median']} | {res['fds']['q4_median']} |",
         "",
         f"Proxy alive at the end: {res['alive']}; tracebacks in its log: {res['tracebacks']}; "
-        f"error lines: {res['error_lines'] or 'none'}.",
+        f"unexplained error lines: {res['error_lines'] or 'none'}; error lines from known product bugs "
+        f"(classified by test_fuzz_socket.known_error): {res['known_product_bug_errors'] or 'none'}.",
         "",
     ]
     if res["error_examples"]:
@@ -584,12 +599,11 @@ def test_soak(request: pytest.FixtureRequest, tmp_path: Path) -> None:
             failures.append(f"proxy RSS grew: {rss_q2 / MIB:.1f} MiB → {rss_q4 / MIB:.1f} MiB (medians, q2 → q4)")
         if fd_q4 > fd_q2 + FD_TOLERANCE:
             failures.append(f"proxy open fds grew: {fd_q2} → {fd_q4} (medians, q2 → q4)")
-        tracebacks, errors, examples = log_findings(proxy)
+        tracebacks, errors, known_bugs, examples = log_findings(proxy)
         if tracebacks:
-            failures.append(f"{tracebacks} tracebacks in the proxy log")
-        unexplained = {k: v for k, v in errors.items() if k not in EXPLAINED_ERRORS}
-        if unexplained:
-            failures.append(f"unexplained error lines in the proxy log: {unexplained}")
+            failures.append(f"{tracebacks} tracebacks in the proxy log (outside known product bugs)")
+        if errors:
+            failures.append(f"error lines in the proxy log: {dict(errors)}")
         if faults.victim_partial:
             failures.append(f"pop replies cut by a consumer reset: {faults.victim_partial[:5]}")
 
@@ -648,7 +662,7 @@ def test_soak(request: pytest.FixtureRequest, tmp_path: Path) -> None:
                 "tracebacks": tracebacks,
                 "error_lines": dict(errors),
                 "error_examples": examples,
-                "explained_errors": {k: EXPLAINED_ERRORS[k] for k in errors if k in EXPLAINED_ERRORS},
+                "known_product_bug_errors": dict(known_bugs),
             },
             "fault_log": faults.log,
         }
