@@ -106,6 +106,7 @@ class ClientConnection(asyncio.Protocol):
         self.rejected = False  # turned away (max_clients): none of the rest applies
         self._limits_on = False
         self._soft_since: float | None = None  # when the output buffer went over the soft limit
+        self._last_unsent = 0  # the write buffer's size when last looked at (see connection_lost)
         self.idle_mark = -1  # bytes_in at the last idle sweep (server._sweep_idle)
         self.idle_sweeps = 0  # sweeps in a row that saw no new request bytes
 
@@ -220,7 +221,10 @@ class ClientConnection(asyncio.Protocol):
         if self._auth_timer is not None:
             self._auth_timer.cancel()
         transport = self.transport
-        unsent = transport.get_write_buffer_size() if transport is not None else 0
+        # asyncio and uvloop empty the write buffer before calling connection_lost, so its size here is 0: use what
+        # was still buffered when last looked at (after each write of a pop reply, and on resume_writing). If it
+        # drained since, those pops are put back although sent: a duplicate, never a loss.
+        unsent = max(transport.get_write_buffer_size() if transport is not None else 0, self._last_unsent)
         requeue = self.session.undelivered(unsent) if unsent else []
         if requeue:
             self.server.requeue(requeue, "client gone before the reply was sent")
@@ -512,7 +516,8 @@ class ClientConnection(asyncio.Protocol):
     def _note_delivered(self) -> None:
         transport = self.transport
         if transport is not None:
-            self.session.delivered(self.session.written - transport.get_write_buffer_size())
+            self._last_unsent = transport.get_write_buffer_size()
+            self.session.delivered(self.session.written - self._last_unsent)
 
     def _close_when_flushed(self) -> None:
         """Close once the replies owed ahead of the close point have gone out (they may still come from Redis),

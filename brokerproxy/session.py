@@ -576,11 +576,10 @@ class Session:
         self._authenticated(user)
 
     def _check_password(self, username: bytes, password: bytes) -> str | None:
-        if not self._auth.required:
-            # Redis's default user with nopass: any password, but only that user.
-            user: str | None = "default" if username == b"default" else None
+        if not self._auth.required and username == b"default":
+            user: str | None = "default"  # Redis's default user with nopass: any password
         else:
-            user = self._auth.check(username, password)
+            user = self._auth.check(username, password)  # another user authenticates as usual, as in Redis
         if user is None:
             self._events.append(AuthFailed(username.decode("utf-8", "replace")))
             if self._acl_log is not None:

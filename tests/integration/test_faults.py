@@ -475,7 +475,7 @@ WRITE_BUFFER_LOST = (
 
 @pytest.mark.parametrize(
     "freeze_first",
-    [pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=WRITE_BUFFER_LOST)), False],
+    [True, False],
     ids=["stopped-then-killed", "killed-while-writing"],
 )
 def test_client_killed_mid_pipeline(

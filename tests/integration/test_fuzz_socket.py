@@ -1240,7 +1240,6 @@ DEFAULT_NOPASS = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=DEFAULT_NOPASS)
 def test_auth_as_another_user_while_default_is_nopass(start_proxy: Callable[..., ProxyProcess], tmp_path: Path) -> None:
     """Redis and the proxy with the same ACL: default on and nopass, a second user with a password."""
     acl = tmp_path / "users.acl"
