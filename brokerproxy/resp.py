@@ -22,6 +22,7 @@ not copied once per frame.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,18 @@ def _length(text: bytes | bytearray) -> int:
 
 # Compact the consumed prefix of a buffer once it passes this many bytes.
 _COMPACT_AT = 64 * 1024
+#: An aggregate header (array, map, set, push, attribute) with a count of 7 digits or more. hiredis allocates the
+#: count's slots before anything checks it (a count of 2**31 stalls the loop for seconds, 2**32-1 raises
+#: MemoryError), so such bytes never reach hiredis: the exact parser checks the count against the limits first.
+_HUGE_AGGREGATE = re.compile(rb"[*%~>|]\d{7,}\r")
+
+
+def huge_aggregate(data: bytes | bytearray | memoryview, limit: int) -> bool:
+    """True if ``data`` holds an aggregate header whose count is above ``limit``: hiredis must not see it."""
+    for m in _HUGE_AGGREGATE.finditer(data):
+        if int(m.group()[1:-1]) > limit:
+            return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,11 +252,13 @@ class HiredisRequestParser(RequestParser):
         if buf[pos] != 0x2A:  # not '*': inline command
             return self._exact()
         if self._fed < len(buf):
+            if huge_aggregate(memoryview(buf)[self._fed :], self._limits.max_array_length):
+                return self._exact()  # raises the protocol error, before hiredis allocates anything
             self._reader.feed(buf, self._fed)  # type: ignore[arg-type]  # any buffer works, stubs say bytes
             self._fed = len(buf)
         try:
             args = self._reader.gets()
-        except _hiredis.ProtocolError:
+        except (_hiredis.ProtocolError, TypeError, ValueError):  # TypeError: a map with an aggregate key
             return self._exact()
         if args is False:
             if pos != self._checked or len(buf) - pos > _CHECK_PARTIAL_AT:

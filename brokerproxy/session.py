@@ -268,6 +268,7 @@ class Session:
         self._fast_reader = resp.fast_reader()
         self._fast_reply_reader = resp.fast_reader()
         # Each argument takes at least 6 bytes ("$0\r\n\r\n").
+        self._max_array = limits.max_array_length
         self._fast_limit = min(limits.max_bulk_length, 6 * limits.max_array_length, limits.max_buffered_bytes)
         self._handshake = [resp.encode_command(c) for c in upstream_handshake]
         self._slots: deque[_Slot] = deque()
@@ -395,6 +396,7 @@ class Session:
             # A read that ends inside a frame would be parsed twice: leave it to the exact path.
             or data[-2:] != b"\r\n"
             or _first_name(data) in self._not_fast
+            or resp.huge_aggregate(data, self._max_array)  # hiredis would allocate the count first
         ):
             return False
         reader.feed(data)
