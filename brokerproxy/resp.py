@@ -59,13 +59,34 @@ _COMPACT_AT = 64 * 1024
 #: An aggregate header (array, map, set, push, attribute) with a count of 7 digits or more. hiredis allocates the
 #: count's slots before anything checks it (a count of 2**31 stalls the loop for seconds, 2**32-1 raises
 #: MemoryError), so such bytes never reach hiredis: the exact parser checks the count against the limits first.
-_HUGE_AGGREGATE = re.compile(rb"[*%~>|]\d{7,}\r")
+_HEADER = re.compile(rb"[*%~>|]\+?0*(\d{7,})\r")
+#: The same after a newline: headers start a read or follow one, which keeps the scan off most payload bytes.
+_HEADER_AFTER_NEWLINE = re.compile(rb"\n[*%~>|]\+?0*(\d{7,})\r")
+_AGGREGATES = frozenset(b"*%~>|")
 
 
-def huge_aggregate(data: bytes | bytearray | memoryview, limit: int) -> bool:
-    """True if ``data`` holds an aggregate header whose count is above ``limit``: hiredis must not see it."""
-    for m in _HUGE_AGGREGATE.finditer(data):
-        if int(m.group()[1:-1]) > limit:
+def huge_aggregate(data: bytes | bytearray, limit: int, start: int = 0) -> bool:
+    """True if ``data[start:]`` holds an aggregate header whose count is above ``limit``: hiredis must not see it."""
+    m = _HEADER.match(data, start)
+    if m is not None and int(m.group(1)) > limit:
+        return True
+    if len(data) - start > 4096:
+        # A large read is mostly payload: visit its newlines at memchr speed (find), not every byte by regex; if it
+        # turns out to hold many lines, the regex takes over from there.
+        budget = (len(data) - start) // 64
+        i = data.find(b"\n", start)
+        while i >= 0 and budget:
+            if i + 1 < len(data) and data[i + 1] in _AGGREGATES:
+                m = _HEADER_AFTER_NEWLINE.match(data, i)
+                if m is not None and int(m.group(1)) > limit:
+                    return True
+            i = data.find(b"\n", i + 1)
+            budget -= 1
+        if i < 0:
+            return False
+        start = i
+    for m in _HEADER_AFTER_NEWLINE.finditer(data, start):
+        if int(m.group(1)) > limit:
             return True
     return False
 
@@ -252,7 +273,8 @@ class HiredisRequestParser(RequestParser):
         if buf[pos] != 0x2A:  # not '*': inline command
             return self._exact()
         if self._fed < len(buf):
-            if huge_aggregate(memoryview(buf)[self._fed :], self._limits.max_array_length):
+            # From a little before the new bytes: a header may have been split across two reads.
+            if huge_aggregate(buf, self._limits.max_array_length, max(self._fed - 24, pos)):
                 return self._exact()  # raises the protocol error, before hiredis allocates anything
             self._reader.feed(buf, self._fed)  # type: ignore[arg-type]  # any buffer works, stubs say bytes
             self._fed = len(buf)

@@ -187,6 +187,8 @@ _FAST_REPLY_MAX = 16 * 1024
 _ReplyError = resp.ReplyErrorType
 #: Pops whose keys are all between the name and a trailing timeout: the ones the consumers gauge follows.
 _QUEUED = b"+QUEUED\r\n"
+#: A request's arguments are all bulk strings; hiredis would also hand back integers, arrays, nulls, errors...
+_BYTES_ONLY = frozenset({bytes})
 _CONSUMER_POPS = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax"})
 _NOT_FAST: frozenset[str] = frozenset()  # filled in below, once _HANDLERS exists
 _BROKEN = object()  # what _gets returns when hiredis cannot read a frame
@@ -413,6 +415,8 @@ class Session:
         while (args := _gets(reader)) is not False:
             if type(args) is not list or not args or type(args[0]) is not bytes:
                 break  # not a request (or hiredis could not read it: _BROKEN)
+            if len(args) > 1 and not _BYTES_ONLY.issuperset(map(type, args)):
+                break  # an integer, array, null... as an argument: the exact path answers Redis's protocol error
             name = names_cache.get(args[0]) or resp.command_name(args[0])
             if name in not_fast:
                 break

@@ -103,7 +103,7 @@ AVOID_HIREDIS_HUGE_ARRAYS = False  # fixed: resp.huge_aggregate keeps such count
 # upstream connection; the proxy neither answers nor counts it) or, with ACL key patterns, crashes the ACL check
 # (AttributeError out of data_received, connection aborted without a reply). Until it is fixed, those two outcomes
 # are counted as this bug rather than reported.
-KNOWN_FAST_PATH_NON_BULK = True
+KNOWN_FAST_PATH_NON_BULK = False  # fixed: the fast path takes only bulk-string arguments
 
 # Known bugs, each tested on its own (xfail): the proxy loses count of the replies (logs "reply from upstream with no
 # request waiting for it" and closes the connection) when (un)subscribe confirmations come where it expects none:
@@ -1206,7 +1206,6 @@ NON_BULK = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=NON_BULK)
 @pytest.mark.parametrize("acl", [False, True], ids=["no-acl", "acl"])
 @pytest.mark.parametrize(
     "payload",
