@@ -72,6 +72,8 @@ AUTH_FAILURES = "brokerproxy_auth_failures_total"
 RELOAD_FAILURES = "brokerproxy_config_reload_failures_total"
 ACL_DENIALS = "brokerproxy_acl_denials_total"
 CLIENT_REJECTIONS = "brokerproxy_client_rejections_total"
+AUDIT_DROPPED = "brokerproxy_audit_events_dropped_total"
+AUDIT_WRITTEN = "brokerproxy_audit_events_total"
 OUTPUT_LIMIT_DISCONNECTS = "brokerproxy_client_output_limit_disconnects_total"
 IDLE_DISCONNECTS = "brokerproxy_client_idle_disconnects_total"
 TLS_HANDSHAKE_FAILURES = "brokerproxy_tls_handshake_failures_total"
@@ -108,6 +110,8 @@ METRICS: tuple[Spec, ...] = (
     Spec(AUTH_FAILURES, "counter", (), "Failed client authentications."),
     Spec(RELOAD_FAILURES, "counter", (), "SIGHUP reloads refused (the old users and rules stay)."),
     Spec(ACL_DENIALS, "counter", ("user", "kind"), "Commands the ACL refused, by user and what was refused."),
+    Spec(AUDIT_WRITTEN, "counter", (), "Audit trail events written."),
+    Spec(AUDIT_DROPPED, "counter", (), "Audit trail events lost to write errors (disk full, unwritable path)."),
     Spec(CLIENT_REJECTIONS, "counter", ("reason",), "Connections turned away: max_clients reached."),
     Spec(
         OUTPUT_LIMIT_DISCONNECTS, "counter", ("class",),
@@ -218,6 +222,8 @@ class ObserverCollector(Collector):
         add(RELOAD_FAILURES, [], o.reload_failures)
         for (user, kind), n in list(o.acl_denials.items()):
             add(ACL_DENIALS, [user, kind], n)
+        add(AUDIT_WRITTEN, [], o.audit_written)
+        add(AUDIT_DROPPED, [], o.audit_dropped)
         for reason, n in list(o.client_rejections.items()):
             add(CLIENT_REJECTIONS, [reason], n)
         for kind, n in list(o.output_limit_disconnects.items()):

@@ -319,6 +319,8 @@ class Observer:
         self.client_rejections: dict[str, int] = {}  # reason: max_clients
         self.output_limit_disconnects: dict[str, int] = {}  # class: normal, pubsub
         self.idle_disconnects = 0
+        self.audit_written = 0  # copied from the audit trail at scrape time (server)
+        self.audit_dropped = 0
         self.tls_handshake_failures: dict[tuple[str, str], int] = {}  # (listener, reason)
         self.tls_reloads: dict[tuple[str, str], int] = {}  # (listener, "ok" | "failed")
         self.tls_expiry: dict[tuple[str, str], float] = {}  # (listener, role) -> notAfter, Unix seconds

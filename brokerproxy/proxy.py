@@ -107,6 +107,7 @@ class ClientConnection(asyncio.Protocol):
         self._limits_on = False
         self._soft_since: float | None = None  # when the output buffer went over the soft limit
         self._last_unsent = 0  # the write buffer's size when last looked at (see connection_lost)
+        self._upstream_counted = False  # in brokerproxy_upstream_connections
         self.idle_mark = -1  # bytes_in at the last idle sweep (server._sweep_idle)
         self.idle_sweeps = 0  # sweeps in a row that saw no new request bytes
 
@@ -328,6 +329,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = transport
         keepalive(transport, self.server.config.tcp_keepalive)
         self.server.observer.upstream_connections += 1
+        self._upstream_counted = True
         if self._pending_up:
             transport.write(bytes(self._pending_up))
             self._pending_up.clear()
@@ -361,7 +363,9 @@ class ClientConnection(asyncio.Protocol):
     def upstream_lost(self, exc: Exception | None) -> None:
         self.upstream = None
         self.upstream_done.set()
-        self.server.observer.upstream_connections -= 1
+        if self._upstream_counted:  # not a connection closed before it was used (the client left meanwhile)
+            self._upstream_counted = False
+            self.server.observer.upstream_connections -= 1
         if not self._left and not self.session.closing and self._upstream_error is None and not self.server.draining:
             self.server.observer.upstream_error("reset" if exc is not None else "closed")
         if self._draining_upstream:

@@ -461,6 +461,7 @@ class Server:
                 log.info("upstream is up" if up else "upstream does not answer")
             self.upstream_up = up
             self.observer.upstream_up = int(up)
+            self.observer.audit_written, self.observer.audit_dropped = self.audit.written, self.audit.dropped
             self.observer.sweep()
             try:
                 await asyncio.wait_for(self._stop.wait(), interval)
