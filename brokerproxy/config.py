@@ -243,6 +243,8 @@ class Config:
     upstream_tls: ClientTLS = field(default_factory=ClientTLS)
     workers: int = DEFAULT_WORKERS
     max_clients: int = DEFAULT_MAX_CLIENTS
+    #: Carry client connections over to a new upstream connection when Redis goes away (see proxy._try_reattach).
+    reattach: bool = True
     idle_timeout: float = 0.0  # Redis's timeout: close a client idle this long (never a subscriber or a blocked pop)
     tcp_keepalive: int = DEFAULT_TCP_KEEPALIVE
     client_output_buffer_limit_normal: OutputLimit = OutputLimit()
@@ -400,6 +402,7 @@ SCALARS: dict[str, Any] = {
     "tls_listen": parse_address,
     "workers": _workers,
     "max_clients": _positive(int),
+    "reattach": _bool,
     "idle_timeout": lambda key, value: _non_negative(key, value),
     "tcp_keepalive": lambda key, value: int(_non_negative(key, value)),
     "client_output_buffer_limit_normal": parse_output_limit,

@@ -73,6 +73,8 @@ RELOAD_FAILURES = "brokerproxy_config_reload_failures_total"
 ACL_DENIALS = "brokerproxy_acl_denials_total"
 CLIENT_REJECTIONS = "brokerproxy_client_rejections_total"
 AUDIT_DROPPED = "brokerproxy_audit_events_dropped_total"
+REATTACHED = "brokerproxy_upstream_reattached_total"
+REATTACH_FAILURES = "brokerproxy_upstream_reattach_failures_total"
 AUDIT_WRITTEN = "brokerproxy_audit_events_total"
 OUTPUT_LIMIT_DISCONNECTS = "brokerproxy_client_output_limit_disconnects_total"
 IDLE_DISCONNECTS = "brokerproxy_client_idle_disconnects_total"
@@ -110,6 +112,11 @@ METRICS: tuple[Spec, ...] = (
     Spec(AUTH_FAILURES, "counter", (), "Failed client authentications."),
     Spec(RELOAD_FAILURES, "counter", (), "SIGHUP reloads refused (the old users and rules stay)."),
     Spec(ACL_DENIALS, "counter", ("user", "kind"), "Commands the ACL refused, by user and what was refused."),
+    Spec(REATTACHED, "counter", ("state",), "Client connections carried over to a new upstream connection."),
+    Spec(
+        REATTACH_FAILURES, "counter", ("reason",),
+        "Client connections closed when their upstream died, by what they held (pending, multi, subscribed...).",
+    ),
     Spec(AUDIT_WRITTEN, "counter", (), "Audit trail events written."),
     Spec(AUDIT_DROPPED, "counter", (), "Audit trail events lost to write errors (disk full, unwritable path)."),
     Spec(CLIENT_REJECTIONS, "counter", ("reason",), "Connections turned away: max_clients reached."),
@@ -222,6 +229,10 @@ class ObserverCollector(Collector):
         add(RELOAD_FAILURES, [], o.reload_failures)
         for (user, kind), n in list(o.acl_denials.items()):
             add(ACL_DENIALS, [user, kind], n)
+        for state, n in list(o.reattached_total.items()):
+            add(REATTACHED, [state], n)
+        for reason, n in list(o.reattach_failures.items()):
+            add(REATTACH_FAILURES, [reason], n)
         add(AUDIT_WRITTEN, [], o.audit_written)
         add(AUDIT_DROPPED, [], o.audit_dropped)
         for reason, n in list(o.client_rejections.items()):

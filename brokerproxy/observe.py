@@ -319,6 +319,8 @@ class Observer:
         self.client_rejections: dict[str, int] = {}  # reason: max_clients
         self.output_limit_disconnects: dict[str, int] = {}  # class: normal, pubsub
         self.idle_disconnects = 0
+        self.reattached_total: dict[str, int] = {}  # state: idle, blocked_pop
+        self.reattach_failures: dict[str, int] = {}  # reason: pending, multi, watch, subscribed...
         self.audit_written = 0  # copied from the audit trail at scrape time (server)
         self.audit_dropped = 0
         self.tls_handshake_failures: dict[tuple[str, str], int] = {}  # (listener, reason)
@@ -860,6 +862,12 @@ class Observer:
 
     def auth_failed(self) -> None:
         self.auth_failures += 1
+
+    def reattached(self, state: str) -> None:
+        self.reattached_total[state] = self.reattached_total.get(state, 0) + 1
+
+    def reattach_failed(self, reason: str) -> None:
+        self.reattach_failures[reason] = self.reattach_failures.get(reason, 0) + 1
 
     def client_rejected(self, reason: str) -> None:
         self.client_rejections[reason] = self.client_rejections.get(reason, 0) + 1

@@ -108,6 +108,7 @@ class ClientConnection(asyncio.Protocol):
         self._soft_since: float | None = None  # when the output buffer went over the soft limit
         self._last_unsent = 0  # the write buffer's size when last looked at (see connection_lost)
         self._upstream_counted = False  # in brokerproxy_upstream_connections
+        self._demoted = False  # closed by a failover (sentinel://): never carried over to the old master
         self.idle_mark = -1  # bytes_in at the last idle sweep (server._sweep_idle)
         self.idle_sweeps = 0  # sweeps in a row that saw no new request bytes
 
@@ -327,6 +328,7 @@ class ClientConnection(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=self.server.config.write_buffer_high_water)
         self.upstream = transport
+        self.server.outage_ended()
         keepalive(transport, self.server.config.tcp_keepalive)
         self.server.observer.upstream_connections += 1
         self._upstream_counted = True
@@ -376,6 +378,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._upstream_error is not None:
             return  # the client gets the error as the reply to its next request
+        if self._try_reattach():
+            return
         if not self._left and self.transport is not None:
             # Redis went away under a live connection: close the client cleanly so it reconnects.
             if not self.session.closing:
@@ -397,10 +401,34 @@ class ClientConnection(asyncio.Protocol):
         if null is not None:
             transport.write(null)
         log.info("closing a client bound to the old master", extra={"peer": self.peer, "why": why})
+        self._demoted = True
         self._client_left()
         if data:
             self.upstream_data(data)
         transport.close()
+
+    def _try_reattach(self) -> bool:
+        """Redis went away under a live client: carry the connection over to a new upstream connection where the
+        session can rebuild what it holds (issue 9); False where it cannot (the caller closes the client)."""
+        server = self.server
+        if self._left or self.transport is None or server.draining or not server.config.reattach:
+            return False
+        if self.session.closing or self._demoted:
+            return False
+        out, state = self.session.reattach()
+        if out is None:
+            server.observer.reattach_failed(state)
+            log.info("upstream lost; the client's connection is closed", extra={"peer": self.peer, "why": state})
+            return False
+        if out:
+            self.transport.write(out)  # the blocked pop's timeout: what the client would have seen had no message come
+        server.observer.reattached(state)
+        server.outage_started()
+        self.upstream_done = asyncio.Event()
+        self._unblock_sent = False
+        self._open_upstream()  # retries for up to upstream_wait; what the client sends meanwhile waits
+        self._pump()
+        return True
 
     def _close_upstream(self) -> None:
         if self.upstream is not None:

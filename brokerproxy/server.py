@@ -78,6 +78,7 @@ class Server:
         #: Where the master is: the URL's address, or (sentinel://) what the Sentinels say now.
         self.upstream_addr: tuple[str, int] = (config.upstream.host, config.upstream.port)
         self.sentinel: SentinelWatcher | None = None
+        self._outage_since: float | None = None  # the upstream was lost under live connections (reattach)
         self._hold_until = 0.0  # a failover in progress: new upstream connections wait until then (or the switch)
         #: The TLS listener's certificate material and the upstream's (rediss://); reloaded on SIGHUP or file change.
         self.tls = Reloadable("tls", lambda: server_context(config.tls), config.tls) if config.tls_listen else None
@@ -176,6 +177,18 @@ class Server:
         )
         for conn in moved:
             conn.master_switched()
+
+    def outage_started(self) -> None:
+        """A connection is being carried over a lost upstream: the outage is logged once, with its length at the end."""
+        if self._outage_since is None:
+            self._outage_since = asyncio.get_running_loop().time()
+            log.warning("upstream lost; carrying client connections over to new upstream connections")
+
+    def outage_ended(self) -> None:
+        if self._outage_since is not None:
+            took = asyncio.get_running_loop().time() - self._outage_since
+            self._outage_since = None
+            log.warning("upstream back", extra={"outage_s": round(took, 3)})
 
     def _failover_started(self) -> None:
         """A Sentinel is promoting a replica: stop writing to the current master now (what it accepts from here on

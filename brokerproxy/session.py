@@ -285,6 +285,10 @@ class Session:
         self.db = 0
         self._in_multi = False
         self._multi_dirty = False
+        self._selected: bytes | None = None  # the client's last successful SELECT, replayed on a new connection
+        self._watching = False  # WATCH since the last EXEC/DISCARD/UNWATCH: the keys are watched on this connection
+        self._tracking = False  # CLIENT TRACKING on
+        self._client_name: bytes | None = None  # CLIENT SETNAME (or HELLO SETNAME), replayed on a new connection
         self._multi_pops: list[tuple[int, resp.Request]] = []  # pops queued in this MULTI, by position
         self._multi_queued = 0  # commands queued in this MULTI so far
         self._channels: set[bytes] = set()
@@ -618,6 +622,7 @@ class Session:
                 i += 3
             elif opt == b"setname" and i + 1 < len(args):
                 forwarded += [b"SETNAME", args[i + 1]]
+                self._client_name = args[i + 1]
                 i += 2
             else:
                 self._local(resp.error(f"ERR Syntax error in HELLO option '{args[i].decode('utf-8', 'replace')}'"))
@@ -657,6 +662,8 @@ class Session:
         self._shard.clear()
         self._reply_off = self._reply_skip = False
         self._monitor = False
+        self._watching = self._tracking = False
+        self._client_name = self._selected = None
         if self._identity is not None:
             self.user = self._identity
         elif self._auth.required:
@@ -684,9 +691,19 @@ class Session:
                 slot.queued = pops
         self._in_multi = self._multi_dirty = False
         self._multi_pops, self._multi_queued = [], 0
+        self._watching = False
 
     def _cmd_discard(self, req: resp.Request) -> None:
         self._in_multi = self._multi_dirty = False
+        self._watching = False
+        self._forward(req)
+
+    def _cmd_watch(self, req: resp.Request) -> None:
+        self._watching = True
+        self._forward(req)
+
+    def _cmd_unwatch(self, req: resp.Request) -> None:
+        self._watching = False
         self._forward(req)
 
     def _cmd_select(self, req: resp.Request) -> None:
@@ -750,6 +767,10 @@ class Session:
                 return
             if mode == b"on":
                 self._reply_off = self._reply_skip = False
+        if len(args) == 3 and args[1].lower() == b"setname":
+            self._client_name = args[2]
+        if len(args) >= 3 and args[1].lower() == b"tracking":
+            self._tracking = args[2].lower() == b"on"
         self._forward(req)
 
     # -------------------------------------------------------------------------------- upstream side
@@ -960,6 +981,7 @@ class Session:
                 self.protocol = int(hook[6:])
             elif hook == "select" and not is_error and slot.request is not None:
                 self.db = int(slot.request.args[1])
+                self._selected = slot.request.args[1]
             elif hook == "monitor" and not is_error:
                 self._monitor = True
             elif hook == "reset" and not is_error:
@@ -1016,6 +1038,53 @@ class Session:
     def blocked(self) -> bool:
         """A blocking command is outstanding (it may wait in Redis for as long as its timeout)."""
         return any(s.request is not None and s.request.name in BLOCKING for s in self._slots)
+
+    def reattach(self) -> tuple[bytes | None, str]:
+        """The upstream connection died under a live client. If what the connection holds can be rebuilt on a new
+        one, make ready to: a blocked pop is answered as a timeout (the returned bytes, for the client), the proxy's
+        handshake and what the client had set (HELLO 3, SELECT, CLIENT SETNAME; their replies swallowed) are queued
+        for the new connection, and the state is "idle" or "blocked_pop". Otherwise (None, why): the client's
+        connection must close. A command whose reply has not come is never retried: nobody knows if Redis ran it."""
+        if self._closing or self._gone or self._upstream_failed:
+            return None, "closing"
+        if self._in_multi:
+            return None, "multi"
+        if self._watching:
+            return None, "watch"
+        if self._monitor:
+            return None, "monitor"
+        if self._tracking:
+            return None, "tracking"
+        if self.subscribed:
+            return None, "subscribed"  # re-subscribing is not built yet: the client reconnects itself
+        if self._reply_off or self._reply_skip:
+            return None, "client_reply"
+        fast = self._fast_reply_reader
+        if self._replies.buffered or (fast is not None and fast.has_data()):
+            return None, "partial"  # a reply (or a request) had started: never invent an answer for it
+        state, out = "idle", b""
+        if any(s.kind != _SWALLOW for s in self._slots):
+            null = self.timeout_reply()
+            if null is None:
+                return None, "pending"
+            state, out = "blocked_pop", null
+        self._slots.clear()
+        self._replies = resp.ReplyParser()
+        self._fast_reply_reader = resp.fast_reader()
+        self.upstream_id = None
+        self._out_upstream.clear()
+        self._send_handshake()
+        if self.protocol == 3:
+            self._swallow([b"HELLO", b"3"])
+        if self._selected is not None:
+            self._swallow([b"SELECT", self._selected])
+        if self._client_name is not None:
+            self._swallow([b"CLIENT", b"SETNAME", self._client_name])
+        return out, state
+
+    def _swallow(self, command: list[bytes]) -> None:
+        self._out_upstream += resp.encode_command(command)
+        self._slots.append(_Slot(_SWALLOW))
 
     def timeout_reply(self) -> bytes | None:
         """What the client would read had its blocking pop timed out: the null reply of its protocol, when the only
@@ -1077,6 +1146,8 @@ _HANDLERS = {
     "discard": Session._cmd_discard,
     "select": Session._cmd_select,
     "monitor": Session._cmd_monitor,
+    "watch": Session._cmd_watch,
+    "unwatch": Session._cmd_unwatch,
     "acl": Session._cmd_acl,
     "client": Session._cmd_client,
     **{name: Session._cmd_subscribe for name in SUBSCRIBE},

@@ -43,7 +43,7 @@ def test_new_connections_wait_for_a_restarting_redis(
 def test_redis_restart_closes_clients_and_proxy_recovers(
     start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    proxy = start_proxy(redis_server.url(), env={"BROKERPROXY_UPSTREAM_WAIT": "0"})
+    proxy = start_proxy(redis_server.url(), env={"BROKERPROXY_UPSTREAM_WAIT": "0", "BROKERPROXY_REATTACH": "no"})
     idle = proxy.client(protocol=3, retry=NO_RETRY)
     blocked = proxy.client(protocol=3, retry=NO_RETRY, socket_timeout=10)
     sub = proxy.client(protocol=3, retry=NO_RETRY).pubsub()
@@ -86,15 +86,16 @@ def test_redis_restart_closes_clients_and_proxy_recovers(
     assert idle.ping() is True
 
 
-def test_proxy_never_reconnects_a_stateful_connection(proxy: ProxyProcess, redis_server: RedisServer) -> None:
-    """A connection that did SELECT 3 must not silently continue on a fresh upstream connection in db 0."""
+def test_a_carried_over_connection_keeps_its_database(proxy: ProxyProcess, redis_server: RedisServer) -> None:
+    """A connection that did SELECT 3 never silently continues in db 0: carried over a Redis restart, its SELECT is
+    replayed on the new upstream connection (with reattach off, test_redis_restart_closes_clients... closes it)."""
     conn = redis.Connection(port=proxy.port, protocol=2, retry=NO_RETRY)
     conn.connect()
     conn.send_command("SELECT", 3)
     assert conn.read_response() == b"OK"
     redis_server.stop()
     redis_server.start()
-    with pytest.raises(redis.ConnectionError):
-        conn.send_command("SET", "k", "v")
-        conn.read_response()
+    conn.send_command("SET", "k", "v")
+    assert conn.read_response() == b"OK"
+    assert redis_server.client(db=3).get("k") == b"v"
     assert redis_server.client(db=0).get("k") is None

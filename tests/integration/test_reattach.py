@@ -1,0 +1,140 @@
+"""Redis killed and restarted under live clients: what each kind of connection sees through the proxy (issue 9).
+
+Idle connections and connections blocked in a pop are carried over to a new upstream connection (a blocked pop
+first gets its timeout reply); connections holding what the proxy cannot rebuild are closed. Real redis-server
+(append-only file on, killed with SIGKILL and restarted on the same port) and real proxy processes.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tests.conftest import ProxyProcess, RedisServer, free_port, wait_for_port
+
+NO_RETRY = Retry(NoBackoff(), 0)
+StartProxy = Callable[..., ProxyProcess]
+
+
+@pytest.fixture
+def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    d = tmp_path / "aof-redis"
+    d.mkdir()
+    server = RedisServer(d, "--appendonly", "yes", "--appendfsync", "always")
+    yield server
+    server.stop()
+
+
+def restart(server: RedisServer, after: float = 0.5) -> None:
+    server.stop(signal.SIGKILL)
+    time.sleep(after)
+    server.start()
+
+
+def metric(port: int, name: str, labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(rf"^{name}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def proxy_with_metrics(start_proxy: StartProxy, server: RedisServer) -> tuple[ProxyProcess, int]:
+    metrics = free_port()
+    p = start_proxy(server.url(), "--metrics-listen", f"127.0.0.1:{metrics}")
+    wait_for_port(metrics, proc=p.proc)
+    return p, metrics
+
+
+def test_idle_connection_carries_over_with_its_state(start_proxy: StartProxy, aof_redis: RedisServer) -> None:
+    p, metrics = proxy_with_metrics(start_proxy, aof_redis)
+    c = redis.Redis(port=p.port, db=3, protocol=3, client_name="worker-1", retry=NO_RETRY, socket_timeout=15)
+    assert c.set("k", "before")
+    restart(aof_redis)
+    # No retry on the client: the same TCP connection, carried over; HELLO 3, SELECT 3 and the name replayed.
+    assert c.get("k") == b"before"  # db 3, kept by the append-only file
+    assert c.set("after", "1")
+    assert aof_redis.client(db=3).get("after") == b"1"
+    assert c.client_getname() in ("worker-1", b"worker-1")
+    assert c.hgetall("nothing") == {}
+    assert c.connection_pool._created_connections == 1  # type: ignore[attr-defined]
+    assert metric(metrics, "brokerproxy_upstream_reattached_total", 'state="idle"') >= 1
+    assert '"upstream back"' in p.logs()
+
+
+def test_blocked_pop_gets_a_timeout_then_carries_on(start_proxy: StartProxy, aof_redis: RedisServer) -> None:
+    p, metrics = proxy_with_metrics(start_proxy, aof_redis)
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=15)
+    s.sendall(b"BRPOP jobs 0\r\n")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    aof_redis.stop(signal.SIGKILL)
+    assert s.recv(100) == b"*-1\r\n"  # as if the pop had timed out: never an error
+    assert time.monotonic() - t0 < 2
+    aof_redis.start()
+    s.sendall(b"BRPOP jobs 0\r\n")  # the same connection pops again, from the restarted Redis
+    time.sleep(0.3)
+    aof_redis.client().lpush("jobs", "m1")
+    assert s.recv(100) == b"*2\r\n$4\r\njobs\r\n$2\r\nm1\r\n"
+    s.close()
+    assert metric(metrics, "brokerproxy_upstream_reattached_total", 'state="blocked_pop"') == 1
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        (b"DEBUG SLEEP 5\r\n", "pending"),  # a reply owed: nobody knows whether Redis ran it
+        (b"MULTI\r\nSET a 1\r\n", "multi"),
+        (b"WATCH a\r\n", "watch"),
+        (b"SUBSCRIBE ch\r\n", "subscribed"),
+    ],
+    ids=["pending", "multi", "watch", "subscribed"],
+)
+def test_what_cannot_be_rebuilt_is_closed(
+    start_proxy: StartProxy, aof_redis: RedisServer, setup: bytes, reason: str
+) -> None:
+    p, metrics = proxy_with_metrics(start_proxy, aof_redis)
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=15)
+    s.sendall(setup)
+    time.sleep(0.3)
+    if reason != "pending":
+        s.recv(4096)  # the replies so far
+    aof_redis.stop(signal.SIGKILL)
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    assert data == b""  # closed cleanly, nothing invented
+    s.close()
+    aof_redis.start()
+    assert metric(metrics, "brokerproxy_upstream_reattach_failures_total", f'reason="{reason}"') == 1
+
+
+def test_reattach_off_closes_as_before(start_proxy: StartProxy, aof_redis: RedisServer) -> None:
+    p = start_proxy(aof_redis.url(), env={"BROKERPROXY_REATTACH": "no"})
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=15)
+    s.sendall(b"PING\r\n")
+    assert s.recv(100) == b"+PONG\r\n"
+    restart(aof_redis)
+    assert s.recv(100) == b""  # closed when Redis went away
+    s.close()
+
+
+def test_commands_sent_during_the_outage_wait(start_proxy: StartProxy, aof_redis: RedisServer) -> None:
+    p = start_proxy(aof_redis.url())
+    c = redis.Redis(port=p.port, retry=NO_RETRY, socket_timeout=15)
+    assert c.ping()
+    aof_redis.stop(signal.SIGKILL)
+    threading.Timer(1.5, aof_redis.start).start()
+    t0 = time.monotonic()
+    assert c.incr("n") == 1  # sent while Redis is down: held, then run once Redis is back
+    assert 1.0 < time.monotonic() - t0 < 10
