@@ -138,3 +138,98 @@ def test_commands_sent_during_the_outage_wait(start_proxy: StartProxy, aof_redis
     t0 = time.monotonic()
     assert c.incr("n") == 1  # sent while Redis is down: held, then run once Redis is back
     assert 1.0 < time.monotonic() - t0 < 10
+
+
+def restart_scenario(tmp_path: Path, through_proxy: bool) -> dict[str, object]:
+    """The issue's scenario: a prefork worker (acks_late tasks, prefetch 1) and a producer, through the proxy or
+    straight to Redis; Redis (append-only file on) killed with -9 and restarted on the same port, three times, under
+    load. Returns what happened: accepted tasks, those that ran, whether the worker survived, its log."""
+    from tests.integration.celery_app import make_app
+    from tests.integration.test_celery_e2e import Stack, T, wait_until
+
+    rdir = tmp_path / "redis"
+    rdir.mkdir()
+    server = RedisServer(rdir, "--appendonly", "yes", "--appendfsync", "always")
+    proxy = None
+    if through_proxy:
+        port = free_port()
+        argv = ["--listen", f"127.0.0.1:{port}", "--upstream", server.url(0)]
+        proxy = ProxyProcess(argv, None, tmp_path / "p.log", port)
+    stack = Stack(server, proxy, tmp_path)
+    try:
+        if proxy is not None:
+            proxy.wait_ready()
+        app = stack.app()
+        worker = stack.worker("celery", concurrency=2)
+        worker.wait_ready(app)
+        producer = make_app(stack.url(0), None, None, main="producer")
+        stack.apps.append(producer)
+        accepted: list[str] = []
+        stop = threading.Event()
+
+        def produce() -> None:
+            while not stop.is_set():
+                try:
+                    accepted.append(T(producer, "record").apply_async(("ran",), {"delay": 0.02}).id)
+                except Exception:
+                    pass  # not accepted: the caller knows
+                time.sleep(0.01)
+
+        t = threading.Thread(target=produce)
+        t.start()
+        for _ in range(3):
+            time.sleep(3)
+            restart(server, after=1.0)
+        time.sleep(3)
+        stop.set()
+        t.join()
+        ran = stack.state()
+
+        def done() -> set[str]:
+            return {x.decode() for x in ran.lrange("ran", 0, -1)}
+
+        try:
+            wait_until("every accepted task to run", lambda: set(accepted) <= done(), timeout=60, interval=0.5)
+        except AssertionError:
+            pass
+        runs = ran.lrange("ran", 0, -1)
+        log = worker.log_tail(100_000)
+        return {
+            "accepted": len(accepted), "ran": len(set(accepted) & done()), "runs": len(runs),
+            "lost": [a for a in accepted if a not in done()], "worker_alive": worker.proc.poll() is None,
+            "unrecoverable": "Unrecoverable error" in log, "log": log,
+        }  # fmt: skip
+    except BaseException:
+        print(stack.diag())
+        raise
+    finally:
+        stack.close()
+
+
+def test_celery_worker_survives_redis_restarts(tmp_path: Path) -> None:
+    """Through the proxy: the worker stays alive with no "Unrecoverable error", and every task whose apply_async
+    returned runs (some twice: acks_late redelivers what was running when its connection went)."""
+    r = restart_scenario(tmp_path, through_proxy=True)
+    lost = r["lost"]
+    assert isinstance(lost, list)
+    assert not lost, f"{len(lost)} of {r['accepted']} accepted tasks never ran: {lost[:10]}"
+    assert r["worker_alive"], r["log"]
+    assert not r["unrecoverable"]
+    assert isinstance(r["accepted"], int) and r["accepted"] > 200
+    print(f"{r['accepted']} accepted, {r['runs']} runs")
+
+
+@pytest.mark.slow
+def test_restarts_direct_versus_through_the_proxy(tmp_path: Path) -> None:
+    """The difference, reported: the same scenario straight against Redis and through the proxy
+    (python -m pytest -s -m slow tests/integration/test_reattach.py)."""
+    for through in (False, True):
+        d = tmp_path / ("proxy" if through else "direct")
+        d.mkdir()
+        r = restart_scenario(d, through_proxy=through)
+        print(
+            f"{'through the proxy' if through else 'straight to Redis'}: worker alive {r['worker_alive']}, "
+            f"unrecoverable error {r['unrecoverable']}, {r['ran']} of {r['accepted']} accepted tasks ran"
+        )
+        if through:
+            assert r["worker_alive"] and not r["lost"]
