@@ -187,6 +187,8 @@ _FAST_REPLY_MAX = 16 * 1024
 _ReplyError = resp.ReplyErrorType
 #: Pops whose keys are all between the name and a trailing timeout: the ones the consumers gauge follows.
 _QUEUED = b"+QUEUED\r\n"
+#: RESP3 (p/s)subscribe confirmations, as push frames.
+_CONFIRMATIONS = (b">3\r\n$9\r\nsubscribe\r\n", b">3\r\n$10\r\npsubscribe\r\n", b">3\r\n$10\r\nssubscribe\r\n")
 #: A request's arguments are all bulk strings; hiredis would also hand back integers, arrays, nulls, errors...
 _BYTES_ONLY = frozenset({bytes})
 _CONSUMER_POPS = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax"})
@@ -286,6 +288,7 @@ class Session:
         self._in_multi = False
         self._multi_dirty = False
         self._selected: bytes | None = None  # the client's last successful SELECT, replayed on a new connection
+        self._swallow_pushes = 0  # RESP3 confirmations of the proxy's own re-subscriptions still to come
         self._watching = False  # WATCH since the last EXEC/DISCARD/UNWATCH: the keys are watched on this connection
         self._tracking = False  # CLIENT TRACKING on
         self._client_name: bytes | None = None  # CLIENT SETNAME (or HELLO SETNAME), replayed on a new connection
@@ -919,6 +922,9 @@ class Session:
         """One upstream frame, off the hot path."""
         out = self._out_client
         slots = self._slots
+        if self._swallow_pushes and kind == resp.PUSH and raw.startswith(_CONFIRMATIONS):
+            self._swallow_pushes -= 1  # a re-subscription's confirmation (reattach): the client has seen its own
+            return
         if (
             kind == resp.PUSH
             or self._monitor
@@ -970,6 +976,12 @@ class Session:
                 self._out_client += slot.data
             return
         hook = slot.hook
+        if hook == "resubscribe":
+            self._confirmation(raw)
+            slot.expected -= 1
+            if slot.expected <= 0 or is_error:
+                self._slots.popleft()
+            return  # the proxy's own re-subscription (reattach): the client saw its confirmations long ago
         if hook == "subscribe":
             self._confirmation(raw)
             slot.expected -= 1
@@ -1055,14 +1067,12 @@ class Session:
             return None, "monitor"
         if self._tracking:
             return None, "tracking"
-        if self.subscribed:
-            return None, "subscribed"  # re-subscribing is not built yet: the client reconnects itself
         if self._reply_off or self._reply_skip:
             return None, "client_reply"
         fast = self._fast_reply_reader
         if self._replies.buffered or (fast is not None and fast.has_data()):
             return None, "partial"  # a reply (or a request) had started: never invent an answer for it
-        state, out = "idle", b""
+        state, out = ("subscribed" if self.subscribed else "idle"), b""
         if any(s.kind != _SWALLOW for s in self._slots):
             null = self.timeout_reply()
             if null is None:
@@ -1080,6 +1090,17 @@ class Session:
             self._swallow([b"SELECT", self._selected])
         if self._client_name is not None:
             self._swallow([b"CLIENT", b"SETNAME", self._client_name])
+        # Subscriptions: subscribed again on the new connection, their confirmations swallowed (RESP2: replies to a
+        # slot of the proxy's own; RESP3: push frames, counted off). Messages published meanwhile are lost, as
+        # pub/sub allows.
+        resubscribe = ((self._channels, b"SUBSCRIBE"), (self._patterns, b"PSUBSCRIBE"), (self._shard, b"SSUBSCRIBE"))
+        for subs, command in resubscribe:
+            if subs:
+                self._out_upstream += resp.encode_command([command, *sorted(subs)])
+                if self.protocol == 3:
+                    self._swallow_pushes += len(subs)
+                else:
+                    self._slots.append(_Slot(_FORWARD, len(subs), hook="resubscribe"))
         return out, state
 
     def _swallow(self, command: list[bytes]) -> None:

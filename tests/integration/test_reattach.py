@@ -96,9 +96,9 @@ def test_blocked_pop_gets_a_timeout_then_carries_on(start_proxy: StartProxy, aof
         (b"DEBUG SLEEP 5\r\n", "pending"),  # a reply owed: nobody knows whether Redis ran it
         (b"MULTI\r\nSET a 1\r\n", "multi"),
         (b"WATCH a\r\n", "watch"),
-        (b"SUBSCRIBE ch\r\n", "subscribed"),
+        (b"MONITOR\r\n", "monitor"),
     ],
-    ids=["pending", "multi", "watch", "subscribed"],
+    ids=["pending", "multi", "watch", "monitor"],
 )
 def test_what_cannot_be_rebuilt_is_closed(
     start_proxy: StartProxy, aof_redis: RedisServer, setup: bytes, reason: str
@@ -117,6 +117,37 @@ def test_what_cannot_be_rebuilt_is_closed(
     s.close()
     aof_redis.start()
     assert metric(metrics, "brokerproxy_upstream_reattach_failures_total", f'reason="{reason}"') == 1
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_subscriber_is_subscribed_again(start_proxy: StartProxy, aof_redis: RedisServer, protocol: int) -> None:
+    p, metrics = proxy_with_metrics(start_proxy, aof_redis)
+    c = redis.Redis(port=p.port, protocol=protocol, retry=NO_RETRY, socket_timeout=15)
+    sub = c.pubsub()
+    sub.subscribe("news", "alerts")
+    sub.psubscribe("job.*")
+    for _ in range(3):
+        assert sub.get_message(timeout=5)["type"] in ("subscribe", "psubscribe")
+    restart(aof_redis)
+    direct = aof_redis.client()
+
+    def published() -> int:
+        return int(direct.publish("news", "after")) + int(direct.publish("job.1", "done"))
+
+    deadline = time.monotonic() + 10
+    while published() < 2:  # until the proxy has subscribed again on the new connection
+        assert time.monotonic() < deadline, "not subscribed again"
+        time.sleep(0.05)
+    got = []
+    while (m := sub.get_message(timeout=2)) is not None:
+        got.append((m["type"], m["channel"], m["data"]))
+    # Only messages: the re-subscriptions' confirmations were the proxy's, not shown to the client again.
+    assert got and all(t in ("message", "pmessage") for t, _, _ in got), got
+    assert {(t, d) for t, _, d in got} >= {("message", b"after"), ("pmessage", b"done")}
+    assert sub.connection is not None
+    sub.unsubscribe("alerts")  # the connection is still in step with Redis
+    assert sub.get_message(timeout=5)["type"] == "unsubscribe"
+    assert metric(metrics, "brokerproxy_upstream_reattached_total", 'state="subscribed"') == 1
 
 
 def test_reattach_off_closes_as_before(start_proxy: StartProxy, aof_redis: RedisServer) -> None:
