@@ -46,11 +46,30 @@ def keepalive(transport: asyncio.BaseTransport, idle: int) -> None:
         pass  # a socket type without TCP options (a test's unix socket): nothing to keep alive
 
 
+class _Detached:
+    """The owner of an upstream connection dropped by a failover: whatever the old master still sends is nobody's."""
+
+    def upstream_data(self, data: bytes) -> None:
+        pass
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        pass
+
+    def pause_client_reading(self, why: str) -> None:
+        pass
+
+    def resume_client_reading(self, why: str) -> None:
+        pass
+
+
+_DETACHED = _Detached()
+
+
 class _UpstreamProtocol(asyncio.Protocol):
     """Forwards upstream events to the client connection that owns it."""
 
     def __init__(self, owner: ClientConnection) -> None:
-        self.owner = owner
+        self.owner: ClientConnection | _Detached = owner
 
     def data_received(self, data: bytes) -> None:
         self.owner.upstream_data(data)
@@ -387,9 +406,33 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def master_switched(self) -> None:
-        """The Sentinels moved the master away from this connection's upstream."""
-        if not self._left and self.transport is not None:
-            self._master_gone("failover", b"")
+        """The Sentinels moved the master away from this connection's upstream. An idle or subscribed connection is
+        carried over to the new master (the old connection dropped unread: nothing of the client's is owed on it);
+        any other is closed cleanly, a blocked pop first answered as a timeout."""
+        if self._left or self.transport is None:
+            return
+        if self.upstream is None and self._connecting is not None:
+            return  # already on its way to the new master
+        old = self.upstream
+        if old is not None and self.server.config.reattach and not self.session.blocked and not self._demoted:
+            out, state = self.session.reattach()
+            if out is not None:
+                old.get_protocol().owner = _DETACHED  # type: ignore[attr-defined]
+                old.close()
+                if self._upstream_counted:
+                    self._upstream_counted = False
+                    self.server.observer.upstream_connections -= 1
+                self.upstream = None
+                self.upstream_done = asyncio.Event()
+                self._unblock_sent = False
+                if self._upstream_paused:
+                    self._upstream_paused = False
+                self.server.observer.reattached(state)
+                self._open_upstream()  # waits for the new master (server.master_settled)
+                self._pump()
+                return
+            self.server.observer.reattach_failed(state)
+        self._master_gone("failover", b"")
 
     def _master_gone(self, why: str, data: bytes) -> None:
         """Close the client cleanly: a blocked pop is first answered as a timeout (kombu then polls again, on a

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.conftest import ProxyProcess, RedisServer, free_port, wait_for_port
 from tests.integration.sentinel_cluster import MASTER_NAME, SentinelCluster
@@ -65,7 +67,7 @@ def test_failover_closes_old_connections_and_answers_blocked_pops_as_timeouts(
     )
     wait_for_port(metrics, proc=proxy.proc)
     old = cluster.master()
-    c = proxy.client(socket_timeout=10)
+    c = proxy.client(socket_timeout=10, retry=Retry(NoBackoff(), 0))  # no retry: the same TCP connection throughout
     assert c.set("before", "1")
     assert cluster.node_client(old).get("before") == "1"
     # A client blocked in BRPOP on the old master, a RESP3 one too, and an idle one.
@@ -101,9 +103,12 @@ def test_failover_closes_old_connections_and_answers_blocked_pops_as_timeouts(
     new = sentinels_master(cluster)  # the old master keeps saying "master" for seconds: ask the Sentinels
     assert new.port != old.port
     assert cluster.node_client(new).get("after") == "2"
-    # The idle client's connection was bound to the old master: closed (never redirected behind its back);
-    # redis-py retries on a new connection, which reaches the new master. Replicated before the failover:
+    # The idle client's connection was carried over to the new master (its old upstream connection dropped, never
+    # written to again): the same TCP connection reads what was replicated before the failover, and writes.
     assert c.get("before") == b"1"
+    assert c.set("carried", "1")
+    assert cluster.node_client(new).get("carried") == "1"
+    assert c.connection_pool._created_connections == 1  # type: ignore[attr-defined]
     assert '"master switched; closing the connections bound to the old one"' in proxy.logs()
     print(
         f"failover noticed by the blocked clients after {noticed:.2f}s; "
