@@ -461,7 +461,10 @@ class ClientConnection(asyncio.Protocol):
         out, state = self.session.reattach()
         if out is None:
             server.observer.reattach_failed(state)
-            log.info("upstream lost; the client's connection is closed", extra={"peer": self.peer, "why": state})
+            log.info(
+                "upstream lost; the client's connection is closed",
+                extra={"peer": self.peer, "why": state, "owed": self.session.owed()[:5]},
+            )
             return False
         if out:
             self.transport.write(out)  # the blocked pop's timeout: what the client would have seen had no message come

@@ -1107,6 +1107,10 @@ class Session:
         self._out_upstream += resp.encode_command(command)
         self._slots.append(_Slot(_SWALLOW))
 
+    def owed(self) -> list[str]:
+        """The commands whose replies are still owed (for logs)."""
+        return [s.name or "?" for s in self._slots if s.kind != _SWALLOW]
+
     def timeout_reply(self) -> bytes | None:
         """What the client would read had its blocking pop timed out: the null reply of its protocol, when the only
         reply owed is that of one blocking pop (outside MULTI). None otherwise. Used when the upstream must be
