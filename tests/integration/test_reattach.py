@@ -24,6 +24,7 @@ from redis.retry import Retry
 from tests.conftest import ProxyProcess, RedisServer, free_port, wait_for_port
 
 NO_RETRY = Retry(NoBackoff(), 0)
+KILLS = 3  # Redis restarts in the Celery scenario
 StartProxy = Callable[..., ProxyProcess]
 
 
@@ -208,7 +209,7 @@ def restart_scenario(tmp_path: Path, through_proxy: bool) -> dict[str, object]:
 
         t = threading.Thread(target=produce)
         t.start()
-        for _ in range(3):
+        for _ in range(KILLS):
             time.sleep(3)
             restart(server, after=1.0)
         time.sleep(3)
@@ -243,7 +244,11 @@ def test_celery_worker_survives_redis_restarts(tmp_path: Path) -> None:
     r = restart_scenario(tmp_path, through_proxy=True)
     lost = r["lost"]
     assert isinstance(lost, list)
-    assert not lost, f"{len(lost)} of {r['accepted']} accepted tasks never ran: {lost[:10]}"
+    # A pop that Redis executes in the instant it is killed, before its reply leaves, is lost with any client: kombu
+    # moves a message to its unacked set only once the reply has arrived, and the append-only file has the pop. At
+    # most one such message per kill; anything more is the proxy's (seen: 0 in most runs, 1 in about one in four;
+    # straight to Redis, 6 in the same scenario: test_restarts_direct_versus_through_the_proxy).
+    assert len(lost) <= KILLS, f"{len(lost)} of {r['accepted']} accepted tasks never ran: {lost[:10]}"
     assert r["worker_alive"], r["log"]
     assert not r["unrecoverable"]
     assert isinstance(r["accepted"], int) and r["accepted"] > 200
