@@ -96,7 +96,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--upstream",
         metavar="URL",
-        help=f"Redis to forward to, redis://[user:pass@]host:port/db (default {DEFAULT_UPSTREAM})",
+        help=f"Redis to forward to: redis://[user:pass@]host:port/db, rediss:// (TLS), or "
+        f"sentinel://[user:pass@]s1:26379,s2:26379/master/db (sentinels:// for TLS) (default {DEFAULT_UPSTREAM})",
     )
     p.add_argument(
         "--config", metavar="FILE", help="TOML config file (see config.example.toml); env BROKERPROXY_CONFIG"

@@ -46,6 +46,15 @@ def keepalive(transport: asyncio.BaseTransport, idle: int) -> None:
         pass  # a socket type without TCP options (a test's unix socket): nothing to keep alive
 
 
+#: Errors of a demoted master (sentinel://), at the start of a reply frame: at the start of a read or after a CRLF.
+_DEMOTED = (b"-READONLY", b"-UNBLOCKED")
+
+
+def _demoted_error(data: bytes) -> bool:
+    # A message body may contain the words; a reply frame starting with them follows a frame boundary.
+    return data.startswith(_DEMOTED) or b"\r\n-READONLY" in data or b"\r\n-UNBLOCKED" in data
+
+
 class _Detached:
     """The owner of an upstream connection dropped by a failover: whatever the old master still sends is nobody's."""
 
@@ -357,7 +366,7 @@ class ClientConnection(asyncio.Protocol):
         self.resume_client_reading("connect")
 
     def upstream_data(self, data: bytes) -> None:
-        if self._demoted_marks is not None and (b"-READONLY" in data or b"-UNBLOCKED" in data) and not self._left:
+        if self._demoted_marks is not None and not self._left and _demoted_error(data):
             # A demoted master (sentinel://): not an answer to forward but the connection lost under a failover.
             self._master_gone("demoted", data)
             return
@@ -456,6 +465,8 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if self._left or self.transport is None or server.draining or not server.config.reattach:
             return False
+        if self.transport.is_closing():
+            return False  # being closed already (idle sweep, reload, a protocol error): nothing to carry over
         if self.session.closing or self._demoted:
             return False
         out, state = self.session.reattach()
@@ -472,6 +483,7 @@ class ClientConnection(asyncio.Protocol):
         server.outage_started()
         self.upstream_done = asyncio.Event()
         self._unblock_sent = False
+        self._upstream_paused = False
         self._open_upstream()  # retries for up to upstream_wait; what the client sends meanwhile waits
         self._pump()
         return True

@@ -73,7 +73,7 @@ def huge_aggregate(data: bytes | bytearray, limit: int, start: int = 0) -> bool:
     if len(data) - start > 4096:
         # A large read is mostly payload: visit its newlines at memchr speed (find), not every byte by regex; if it
         # turns out to hold many lines, the regex takes over from there.
-        budget = (len(data) - start) // 64
+        budget = 8  # a value's few header lines; a dense pipeline goes to the regex, cheaper per line
         i = data.find(b"\n", start)
         while i >= 0 and budget:
             if i + 1 < len(data) and data[i + 1] in _AGGREGATES:

@@ -78,6 +78,8 @@ class Server:
         #: Where the master is: the URL's address, or (sentinel://) what the Sentinels say now.
         self.upstream_addr: tuple[str, int] = (config.upstream.host, config.upstream.port)
         self.sentinel: SentinelWatcher | None = None
+        self._settled = asyncio.Event()  # no failover hold in progress (master_settled)
+        self._settled.set()
         self._outage_since: float | None = None  # the upstream was lost under live connections (reattach)
         self._hold_until = 0.0  # a failover in progress: new upstream connections wait until then (or the switch)
         #: The TLS listener's certificate material and the upstream's (rediss://); reloaded on SIGHUP or file change.
@@ -167,6 +169,7 @@ class Server:
         master and nothing more is written to the demoted one."""
         self.upstream_addr = new
         self._hold_until = 0.0
+        self._settled.set()
         if old is None:
             return
         self.observer.upstream_error("failover")
@@ -195,6 +198,7 @@ class Server:
         may be lost), by closing its connections and holding new ones until the switch (bounded)."""
         loop = asyncio.get_running_loop()
         self._hold_until = loop.time() + max(self.config.upstream_wait, 1.0)
+        self._settled.clear()
         log.warning("failover started; holding new connections until the new master is known")
         for conn in [c for c in self._connections if c.upstream_addr is not None]:
             conn.master_switched()
@@ -202,8 +206,10 @@ class Server:
     async def master_settled(self) -> None:
         """Return once no failover is in progress (or its hold has run out)."""
         loop = asyncio.get_running_loop()
-        while loop.time() < self._hold_until:
-            await asyncio.sleep(0.02)
+        remaining = self._hold_until - loop.time()
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), remaining)
 
     # ------------------------------------------------------------------------ TLS
 

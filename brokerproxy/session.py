@@ -1078,7 +1078,11 @@ class Session:
             if null is None:
                 return None, "pending"
             state, out = "blocked_pop", null
+            req = self._slots[0].request
+            if self._observer is not None and req is not None and req.name in _CONSUMER_POPS:
+                self._observer.consumer_unblocked(req.args[1:-1])
         self._slots.clear()
+        self._swallow_pushes = 0  # the old connection's confirmations will never come
         self._replies = resp.ReplyParser()
         self._fast_reply_reader = resp.fast_reader()
         self.upstream_id = None
