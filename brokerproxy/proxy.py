@@ -333,6 +333,10 @@ class ClientConnection(asyncio.Protocol):
                     loop.create_connection(lambda: _UpstreamProtocol(self), host, port, **tls),
                     self.server.config.connect_timeout,
                 )
+                if (host, port) != self.server.upstream_addr:  # the master moved while we connected (sentinel://)
+                    transport.get_protocol().owner = _DETACHED  # type: ignore[attr-defined]
+                    transport.close()
+                    continue
                 break
             except (TimeoutError, OSError) as exc:
                 reason = str(exc) or type(exc).__name__

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -171,7 +171,7 @@ class _Slot:
         # Its key in the observer's command counter, made once per name rather than once per command.
         self.ok_key = (self.name if self.name in KNOWN_COMMANDS else UNKNOWN, "ok")
         # EXEC: the pops queued in its transaction, by position in its reply (their own replies were +QUEUED).
-        self.queued: list[tuple[int, resp.Request]] = []
+        self.queued: Sequence[tuple[int, resp.Request]] = ()  # a list only on EXEC's slot (no allocation per slot)
 
 
 #: Commands that never take a plain slot: their replies are read (pops), or they may block (CLIENT UNBLOCK).
