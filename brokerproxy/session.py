@@ -1073,7 +1073,9 @@ class Session:
         if self._replies.buffered or (fast is not None and fast.has_data()):
             return None, "partial"  # a reply (or a request) had started: never invent an answer for it
         state, out = ("subscribed" if self.subscribed else "idle"), b""
-        if any(s.kind != _SWALLOW for s in self._slots):
+        # The proxy's own slots (a handshake, re-subscriptions from an earlier reattach whose connection died too:
+        # Redis killed as it accepted it) are rebuilt below; only the client's own replies owed count.
+        if any(s.kind != _SWALLOW and s.hook != "resubscribe" for s in self._slots):
             null = self.timeout_reply()
             if null is None:
                 return None, "pending"
@@ -1112,8 +1114,8 @@ class Session:
         self._slots.append(_Slot(_SWALLOW))
 
     def owed(self) -> list[str]:
-        """The commands whose replies are still owed (for logs)."""
-        return [s.name or "?" for s in self._slots if s.kind != _SWALLOW]
+        """The commands whose replies are still owed to the client (for logs)."""
+        return [s.name or "?" for s in self._slots if s.kind != _SWALLOW and s.hook != "resubscribe"]
 
     def timeout_reply(self) -> bytes | None:
         """What the client would read had its blocking pop timed out: the null reply of its protocol, when the only

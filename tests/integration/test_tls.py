@@ -378,13 +378,16 @@ def test_upstream_rediss_with_client_certificate(tls_redis: RedisServer, start_p
 
 def test_upstream_tls_failures(tls_redis: RedisServer, start_proxy: StartProxy, pki: Pki) -> None:
     # Redis wants a client certificate and the proxy has none: the client gets an error, the proxy stays up.
-    no_cert = start_proxy(f"rediss://localhost:{tls_redis.port}/0", config=upstream_toml(pki, None))
+    fail_fast = {"BROKERPROXY_UPSTREAM_WAIT": "0"}  # no retrying for upstream_wait: these fail every time
+    no_cert = start_proxy(f"rediss://localhost:{tls_redis.port}/0", config=upstream_toml(pki, None), env=fail_fast)
     with pytest.raises(redis.exceptions.RedisError):
         no_cert.client(socket_timeout=10).ping()
     # The proxy does not trust Redis's certificate: refused with the reason, counted as a TLS upstream error.
     other = Pki(pki.dir / "other")
     wrong_ca = start_proxy(
-        f"rediss://localhost:{tls_redis.port}/0", config=upstream_toml(pki, pki.client("proxy"), ca=other.ca_file)
+        f"rediss://localhost:{tls_redis.port}/0",
+        config=upstream_toml(pki, pki.client("proxy"), ca=other.ca_file),
+        env=fail_fast,
     )
     with pytest.raises(redis.exceptions.RedisError, match=r"upstream unavailable.*certificate verify failed"):
         wrong_ca.client(socket_timeout=10).ping()
@@ -392,6 +395,7 @@ def test_upstream_tls_failures(tls_redis: RedisServer, start_proxy: StartProxy, 
     other_name = start_proxy(
         f"rediss://127.0.0.2:{tls_redis.port}/0",
         config=upstream_toml(pki, pki.client("proxy")) + 'server_hostname = "nothere.test"\n',
+        env=fail_fast,
     )
     with pytest.raises(redis.exceptions.RedisError, match="upstream unavailable"):
         other_name.client(socket_timeout=10).ping()
