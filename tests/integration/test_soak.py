@@ -595,8 +595,15 @@ def test_soak(request: pytest.FixtureRequest, tmp_path: Path) -> None:
             if len(missing) == previous and time.monotonic() > deadline - 60:
                 break  # nothing moves any more
         worker_survived = not worker_exits and worker.proc.poll() is None
-        if missing and worker_survived:
-            failures.append(f"{len(missing)} accepted Celery tasks never ran, the worker stayed up: {missing[:20]}")
+        # A pop Redis runs in the instant it is killed -9, before its reply leaves, is lost with any client (kombu
+        # records a message as unacked only once the reply has arrived; the append-only file has the pop): at most
+        # one per kill is Redis's and kombu's, not the proxy's.
+        kills = faults.counts["redis_killed"]
+        if len(missing) > kills and worker_survived:
+            failures.append(
+                f"{len(missing)} accepted Celery tasks never ran ({kills} Redis kills), the worker stayed up: "
+                f"{missing[:20]}"
+            )
 
         # ---- the proxy: alive, flat, clean log
         alive = proxy.proc.poll() is None
