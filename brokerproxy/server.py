@@ -254,20 +254,28 @@ class Server:
         if new is not None and new.upstream.tls:
             builds[1] = (self.upstream_tls, new.upstream_tls, lambda: client_context(new.upstream_tls))
         for material, settings, build in builds:
-            if material is None:
-                continue
-            try:
-                material.reload(settings, build)
-            except ConfigError as exc:
-                self.observer.tls_reloaded(material.listener, ok=False)
-                log.error(
-                    "TLS reload failed; keeping the old certificate",
-                    extra={"listener": material.listener, "key": exc.key, "error": exc.why},
-                )
-                continue
-            self.observer.tls_reloaded(material.listener, ok=True)
-            log.info("TLS material reloaded", extra={"listener": material.listener})
+            if material is not None:
+                self._reload_material(material, "SIGHUP", settings, build)
         self._note_expiries()
+
+    def _reload_material(
+        self,
+        material: Reloadable,
+        why: str,
+        settings: Material | None = None,
+        build: Callable[[], ssl.SSLContext] | None = None,
+    ) -> None:
+        """One reload: counted either way; a failure keeps the old certificate and says why."""
+        extra: dict[str, Any] = {"listener": material.listener, "trigger": why}
+        try:
+            material.reload(settings, build)
+        except ConfigError as exc:
+            self.observer.tls_reloaded(material.listener, ok=False)
+            extra.update(key=exc.key, error=exc.why)
+            log.error("TLS reload failed; keeping the old certificate", extra=extra)
+            return
+        self.observer.tls_reloaded(material.listener, ok=True)
+        log.info("TLS material reloaded", extra=extra)
 
     async def _watch_tls(self, interval: float) -> None:
         """Reload when a certificate, key or CA file changes on disk (Kubernetes secret rotation)."""
@@ -279,17 +287,7 @@ class Server:
                 pass
             for material in (self.tls, self.upstream_tls):
                 if material is not None and material.changed():
-                    try:
-                        material.reload()
-                    except ConfigError as exc:
-                        self.observer.tls_reloaded(material.listener, ok=False)
-                        log.error(
-                            "TLS files changed but cannot be loaded; keeping the old certificate",
-                            extra={"listener": material.listener, "key": exc.key, "error": exc.why},
-                        )
-                        continue
-                    self.observer.tls_reloaded(material.listener, ok=True)
-                    log.info("TLS files changed; reloaded", extra={"listener": material.listener})
+                    self._reload_material(material, "files changed")
                     self._note_expiries()
 
     # ------------------------------------------------------------------------ requeue
