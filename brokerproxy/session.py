@@ -535,6 +535,7 @@ class Session:
             self._acl_log.record_denial(denial, self.user, context=context, client_info=self.client_info)
         if self._observer is not None:
             self._observer.acl_denied(self.user, kind)
+            self._observer.command(req.name, "denied")  # never reached Redis: neither ok nor error
         obj = denial.object.decode("utf-8", "backslashreplace") if denial is not None else ""
         self._events.append(Denied(self.user, req.name, kind, obj))
 
