@@ -505,8 +505,9 @@ class Session:
             self._multi_queued += 1
         if self._reply_off or self._reply_skip:
             self._reply_skip = False
-            expected = 0
-            hook = ""
+            if hook != "subscribe":  # (un)subscribe confirmations are pushes: Redis sends them even so
+                expected = 0
+                hook = ""
         if expected == 1 and not hook and req.name not in _NOT_PLAIN and req.name not in self._watch_replies:
             self._slots.append(_plain_slot(req.name))
         elif expected:
@@ -684,7 +685,10 @@ class Session:
         if self._in_multi and self._multi_dirty:
             # A command the proxy refused would have failed at queue time in Redis: abort as Redis does.
             self._out_upstream += resp.encode_command([b"DISCARD"])
-            self._slots.append(_Slot(_REPLACE, data=resp.error(EXECABORT)))
+            if self._reply_off or self._reply_skip:
+                self._reply_skip = False  # Redis answers the DISCARD with nothing, and the client expects nothing
+            else:
+                self._slots.append(_Slot(_REPLACE, data=resp.error(EXECABORT)))
         else:
             pops = self._multi_pops if self._in_multi else []
             slots = len(self._slots)
@@ -760,6 +764,11 @@ class Session:
     def _cmd_client(self, req: resp.Request) -> None:
         args = req.args
         if len(args) == 3 and args[1].lower() == b"reply":
+            if self._in_multi:
+                # Redis queues it and switches replies at EXEC, in the middle of EXEC's own reply (whose array
+                # header still counts the replies it then drops): refused, as AUTH and HELLO are there.
+                self._refuse(NOT_IN_MULTI)
+                return
             mode = args[2].lower()
             if mode == b"off":
                 self._forward(req, expected=0)

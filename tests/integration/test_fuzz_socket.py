@@ -1074,13 +1074,12 @@ def test_resp3_subscribe_confirmations_keep_their_place(
     assert without_hello(talk(proxy.port, payload)) == without_hello(talk(redis_server.port, payload))
 
 
-REPLY_OFF = (
+REPLY_OFF = (  # fixed: an (un)subscribe still waits for its confirmations with replies off
     "proxy bug: Redis sends (un)subscribe confirmations even under CLIENT REPLY OFF/SKIP (they are pushes); the "
     "proxy expects no reply, logs 'reply from upstream with no request waiting for it' at error level and closes"
 )
 
 
-@pytest.mark.xfail(strict=True, reason=REPLY_OFF)
 @pytest.mark.parametrize(
     "payload",
     [
@@ -1094,17 +1093,19 @@ def test_client_reply_off_then_unsubscribe(redis_server: RedisServer, proxy: Pro
     assert '"level": "error"' not in proxy.logs()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy bug: a CLIENT REPLY sent inside MULTI is queued by Redis and runs at EXEC, but the proxy applies it "
-    "at once: it miscounts the replies, logs 'reply from upstream with no request waiting for it' and closes. Redis's "
-    "own reply stream is inconsistent there (EXEC's array header counts a reply it then skips): refusing CLIENT REPLY "
-    "inside MULTI, as the proxy refuses AUTH and HELLO there, would be a sane answer",
-)
 def test_client_reply_inside_multi(proxy: ProxyProcess) -> None:
-    """The proxy may refuse CLIENT REPLY inside MULTI, but must not lose count of the replies."""
+    """The proxy may refuse CLIENT REPLY inside MULTI, but must not lose count of the replies.
+
+    A CLIENT REPLY sent inside MULTI is queued by Redis and runs at EXEC, in the middle of EXEC's reply (whose array
+    header still counts the replies it then drops). The proxy used to apply it at once, miscount the replies, log
+    'reply from upstream with no request waiting for it' and close; it now refuses it there, as it refuses AUTH and
+    HELLO, and the transaction aborts as after any refused command."""
     got = talk(proxy.port, b"MULTI\r\nCLIENT REPLY OFF\r\nPING\r\nEXEC\r\nPING\r\n")
     assert got.startswith(b"+OK\r\n")
+    assert got == (
+        b"+OK\r\n-ERR Command not allowed inside a transaction\r\n+QUEUED\r\n"
+        b"-EXECABORT Transaction discarded because of previous errors.\r\n+PONG\r\n"
+    )
     assert "reply from upstream with no request waiting" not in proxy.logs()
 
 

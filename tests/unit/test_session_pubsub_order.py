@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from brokerproxy import metrics
 from brokerproxy.observe import Observer
-from tests.unit.test_session import OK, DenyFlushall, cmd, open_session
+from tests.unit.test_session import OK, QUEUED, DenyFlushall, arr, bulk, cmd, err, open_session, requests_in
+
+PONG = b"+PONG\r\n"
+NOT_IN_MULTI = err("ERR Command not allowed inside a transaction")
+EXECABORT = err("EXECABORT Transaction discarded because of previous errors.")
 
 # ------------------------------------------------------------------------------------------------------------ metrics
 
@@ -35,3 +39,59 @@ def test_acl_denial_inside_multi_counts_the_command_as_denied() -> None:
     s = open_session(policy=DenyFlushall(), observer=observer)
     s.from_client(cmd("MULTI") + cmd("FLUSHALL") + cmd("FLUSHALL"))
     assert observer.commands.get(("flushall", "denied")) == 2
+
+
+# ------------------------------------------------------------------------------------------------------- CLIENT REPLY
+
+
+def conf(kind: bytes, channel: bytes | None, count: int) -> bytes:
+    """A RESP2 (un)subscribe confirmation."""
+    return arr(bulk(kind), b"$-1\r\n" if channel is None else bulk(channel), b":%d\r\n" % count)
+
+
+def test_confirmations_come_even_with_replies_off() -> None:
+    s = open_session()
+    s.from_client(cmd("CLIENT", "REPLY", "OFF") + cmd("UNSUBSCRIBE") + cmd("CLIENT", "REPLY", "ON") + cmd("PING"))
+    assert s.pending == 3  # the confirmation, +OK, +PONG
+    s.from_upstream(conf(b"unsubscribe", None, 0) + OK + PONG)
+    assert s.take_client() == conf(b"unsubscribe", None, 0) + OK + PONG
+    assert s.pending == 0
+
+
+def test_confirmations_come_even_when_skipped() -> None:
+    s = open_session()
+    s.from_client(cmd("CLIENT", "REPLY", "SKIP") + cmd("PUNSUBSCRIBE") + cmd("PING"))
+    s.from_upstream(conf(b"punsubscribe", None, 0) + PONG)
+    assert s.take_client() == conf(b"punsubscribe", None, 0) + PONG
+    assert s.pending == 0
+
+
+def test_subscribe_with_replies_off_then_messages() -> None:
+    s = open_session()
+    s.from_client(cmd("CLIENT", "REPLY", "OFF") + cmd("SUBSCRIBE", "a") + cmd("PING"))
+    assert s.pending == 1  # PING's reply is silenced, the confirmation is not
+    msg = arr(bulk(b"message"), bulk(b"a"), bulk(b"hi"))
+    s.from_upstream(conf(b"subscribe", b"a", 1) + msg)
+    assert s.take_client() == conf(b"subscribe", b"a", 1) + msg
+    assert s.pending == 0
+
+
+def test_client_reply_refused_inside_multi() -> None:
+    s = open_session()
+    s.from_client(cmd("MULTI") + cmd("CLIENT", "REPLY", "OFF") + cmd("PING") + cmd("EXEC") + cmd("PING"))
+    assert requests_in(s.take_upstream()) == [[b"MULTI"], [b"PING"], [b"DISCARD"], [b"PING"]]
+    s.from_upstream(OK + QUEUED + OK + PONG)
+    assert s.take_client() == OK + NOT_IN_MULTI + QUEUED + EXECABORT + PONG
+    assert s.pending == 0
+
+
+def test_refused_command_in_multi_with_replies_off() -> None:
+    # EXEC becomes DISCARD, which Redis does not answer with replies off: no reply is waited for.
+    s = open_session(policy=DenyFlushall())
+    s.from_client(cmd("CLIENT", "REPLY", "OFF") + cmd("MULTI") + cmd("FLUSHALL") + cmd("EXEC"))
+    s.from_client(cmd("CLIENT", "REPLY", "ON") + cmd("PING"))
+    assert requests_in(s.take_upstream())[-3:] == [[b"DISCARD"], [b"CLIENT", b"REPLY", b"ON"], [b"PING"]]
+    assert s.pending == 2
+    s.from_upstream(OK + PONG)
+    assert s.take_client() == OK + PONG
+    assert s.pending == 0
