@@ -493,8 +493,6 @@ def _acl(raw: Any, config_path: str | None) -> Acl:
             raise ConfigError(f"{key}.role", "expected a role such as \"worker(default)\"")
         passwords = tuple(_str_list(f"{key}.passwords", entry.get("passwords", [])) + _secrets(key, entry))
         hashes = tuple(_str_list(f"{key}.password_sha256", entry.get("password_sha256", [])))
-        if not passwords and not hashes:
-            raise ConfigError(f"{key}.passwords", f"user {name!r} has no password")
         db = entry.get("db", 0)
         if not isinstance(db, int) or db < 0:
             raise ConfigError(f"{key}.db", "expected a database number")
@@ -742,6 +740,14 @@ def load(
     for user in tls.identities.values():
         if not any(u.name == user for u in acl_users):
             raise ConfigError("tls.identities", f"user {user!r} is not defined in [[users]] or [acl]")
+    # A role user with no password can still log in with a client certificate that maps to it (as a Redis user
+    # with no password and no nopass cannot AUTH); without a TLS listener that reads identities it could not log in.
+    for i, ru in enumerate(acl_cfg.roles):
+        if not ru.passwords and not ru.password_sha256 and not (cfg.tls_listen is not None and tls.identity):
+            raise ConfigError(
+                f"acl.roles[{i}].passwords",
+                f"user {ru.name!r} has no password, and no client certificate can log in as it (set tls.identity)",
+            )
     if cfg.workers > 1:
         for key, addr in (("listen", cfg.listen), ("tls_listen", cfg.tls_listen)):
             if addr is not None and addr.port == 0:

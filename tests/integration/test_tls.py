@@ -174,6 +174,21 @@ def test_certificate_maps_to_acl_user(redis_server: RedisServer, start_proxy: St
     assert "client certificate maps to no user" in p.proc.logs()
 
 
+def test_role_user_without_password_logs_in_by_certificate(
+    redis_server: RedisServer, start_proxy: StartProxy, pki: Pki
+) -> None:
+    """An [[acl.roles]] user with no password at all: only a certificate that maps to it can log in as it."""
+    roles = '\n[acl]\nrules = ["user default off"]\n[[acl.roles]]\nname = "worker"\nrole = "worker(celery)"\n'
+    p = start_tls_proxy(start_proxy, redis_server.url(), pki, tls_extra=roles, auth_clients='"yes"', identity='"cn"')
+    worker = p.client(pki.client("worker"))
+    assert worker.lpush("celery", "m") == 1  # logged in (default is off) with the worker role's rules
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.lpush("other-queue", "m")
+    # No password can log in as it: Redis's answer for a user with no password.
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        p.client(pki.client("worker")).execute_command("AUTH", "worker", "")
+
+
 def test_san_uri_identity_table_and_password_fallback(
     redis_server: RedisServer, start_proxy: StartProxy, pki: Pki
 ) -> None:

@@ -59,6 +59,7 @@ def test_upstream_url_credentials_and_db() -> None:
         ("[limits]\nnope = 1", "limits.nope"),
         ('[[users]]\nname = "a"', "users[0].passwords"),
         ('[[users]]\nname = "a"\npassword_sha256 = ["abc"]', "users[0].password_sha256"),
+        ('[[acl.roles]]\nname = "w"\nrole = "worker(celery)"', "acl.roles[0].passwords"),
         ('[[users]]\nname = "a"\npasswords = ["x"]\n[[users]]\nname = "a"\npasswords = ["y"]', "users[1].name"),
         ("this is not toml", "config"),
     ],
