@@ -50,6 +50,7 @@ from .commands import (
     NO_AUTH,
     POPS,
     SUBSCRIBE,
+    SUBSCRIBED_MODE_ALLOWED,
     UNSUBSCRIBE,
     Requeue,
     requeue_for,
@@ -71,6 +72,9 @@ AUTH_NO_PASSWORD = (
 NOPROTO = "NOPROTO unsupported protocol version"
 EXECABORT = "EXECABORT Transaction discarded because of previous errors."
 NOT_IN_MULTI = "ERR Command not allowed inside a transaction"
+PUBSUB_ONLY = (
+    "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+)
 
 
 def wrong_args(name: str) -> str:
@@ -224,6 +228,7 @@ def _plain_slot(name: str) -> _Slot:
 
 
 _CLIENT_ID = resp.encode_command([b"CLIENT", b"ID"])
+_HELLO = resp.encode_command([b"HELLO"])
 _PING = resp.encode_command([b"PING"])
 _MESSAGE_PREFIXES = (b"*3\r\n$7\r\nmessage\r\n", b"*4\r\n$8\r\npmessage\r\n", b"*3\r\n$8\r\nsmessage\r\n")
 
@@ -482,10 +487,12 @@ class Session:
             if full in self._audited:
                 self._events.append(Audited(self.user, full))
         handler = _HANDLERS.get(name)
-        if handler is not None:
-            handler(self, req)
-        else:
+        if handler is None:
             self._forward(req)
+        elif self.protocol == 2 and name not in SUBSCRIBED_MODE_ALLOWED and self.subscribed:
+            self._refused_in_pubsub(req)
+        else:
+            handler(self, req)
 
     def _forward(self, req: resp.Request, raw: bytes | None = None, expected: int = 1, hook: str = "") -> None:
         self._out_upstream += req.raw if raw is None else raw
@@ -539,6 +546,22 @@ class Session:
             self._observer.command(req.name, "denied")  # never reached Redis: neither ok nor error
         obj = denial.object.decode("utf-8", "backslashreplace") if denial is not None else ""
         self._events.append(Denied(self.user, req.name, kind, obj))
+
+    def _refused_in_pubsub(self, req: resp.Request) -> None:
+        """A command with a handler, in RESP2 subscribed mode: Redis refuses it ("Can't execute") and changes
+        nothing, so neither may the proxy (a HELLO 3 taken as switching to RESP3, a MULTI as started...). It goes to
+        Redis as it is, for Redis to refuse in its own words; the proxy refuses here the ones it answers itself."""
+        name = req.name
+        if name == "hello":
+            self._forward(req, _HELLO)  # the client's credentials never reach Redis, not even to be refused
+        elif name in ("auth", "acl"):
+            if len(req.args) < 2:
+                self._local(resp.error(wrong_args(name)))  # Redis checks the arity first
+            else:
+                full = name if name == "auth" else f"acl|{req.args[1].decode('utf-8', 'replace').lower()}"
+                self._local(resp.error(PUBSUB_ONLY.format(full)))
+        else:
+            self._forward(req)
 
     def _refuse(self, text: str) -> None:
         """A request the proxy answers with an error and does not forward."""
@@ -999,8 +1022,13 @@ class Session:
                 self._slots.popleft()
         else:
             self._slots.popleft()
-            if hook.startswith("hello:") and is_error:
-                self.protocol = int(hook[6:])
+            if hook.startswith("hello:"):
+                if is_error:
+                    self.protocol = int(hook[6:])
+                elif hook == "hello:3" and slot.request is not None and self._hello_version(slot.request) == 2:
+                    # Back to RESP2 while subscribed (Redis allows it in RESP3): messages are arrays from now on.
+                    self._subscribed_seen = len(self._channels) + len(self._patterns)
+                    self._shard_seen = len(self._shard)
             elif hook == "select" and not is_error and slot.request is not None:
                 self.db = int(slot.request.args[1])
                 self._selected = slot.request.args[1]
@@ -1011,6 +1039,11 @@ class Session:
                 self._subscribed_seen = self._shard_seen = 0
         if not self._gone:
             self._out_client += raw
+
+    @staticmethod
+    def _hello_version(req: resp.Request) -> int | None:
+        """The protocol version a HELLO asks for (already checked to be 2 or 3 when given)."""
+        return int(req.args[1]) if len(req.args) >= 2 else None
 
     def _confirmation(self, raw: bytes) -> None:
         """Track how many subscriptions Redis reports, from a RESP2 (un)subscribe confirmation."""

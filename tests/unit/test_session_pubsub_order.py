@@ -9,7 +9,22 @@ from __future__ import annotations
 
 from brokerproxy import metrics
 from brokerproxy.observe import Observer
-from tests.unit.test_session import OK, QUEUED, DenyFlushall, arr, bulk, cmd, err, open_session, requests_in
+from brokerproxy.session import Session
+from tests.unit.test_session import (
+    HELLO3_REPLY,
+    OK,
+    QUEUED,
+    DenyFlushall,
+    Users,
+    arr,
+    bulk,
+    cmd,
+    err,
+    open_session,
+    push,
+    requests_in,
+    settle,
+)
 
 PONG = b"+PONG\r\n"
 NOT_IN_MULTI = err("ERR Command not allowed inside a transaction")
@@ -94,4 +109,92 @@ def test_refused_command_in_multi_with_replies_off() -> None:
     assert s.pending == 2
     s.from_upstream(OK + PONG)
     assert s.take_client() == OK + PONG
+    assert s.pending == 0
+
+
+# ---------------------------------------------------------------------------------------------- RESP2 subscribed mode
+
+
+def cant(name: str) -> bytes:
+    return err(
+        f"ERR Can't execute '{name}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in "
+        "this context"
+    )
+
+
+def resp2_subscribed() -> Session:
+    s = open_session()
+    s.from_client(cmd("SUBSCRIBE", "a"))
+    s.from_upstream(conf(b"subscribe", b"a", 1))
+    assert s.take_client() == conf(b"subscribe", b"a", 1)
+    s.take_upstream()
+    return s
+
+
+def test_hello_refused_in_resp2_subscribed_mode_keeps_resp2() -> None:
+    s = resp2_subscribed()
+    s.from_client(cmd("HELLO", "3") + cmd("UNSUBSCRIBE", "a") + cmd("PING"))
+    # Bare: Redis refuses any HELLO there alike, and a bare one could not switch the protocol in any case.
+    assert s.take_upstream() == cmd("HELLO") + cmd("UNSUBSCRIBE", "a") + cmd("PING")
+    assert s.protocol == 2
+    replies = cant("hello") + conf(b"unsubscribe", b"a", 0) + PONG
+    s.from_upstream(replies)
+    assert s.take_client() == replies
+    assert s.pending == 0
+    assert s.protocol == 2
+
+
+def test_hello_auth_in_resp2_subscribed_mode_neither_authenticates_nor_forwards_credentials() -> None:
+    s = Session(Users({b"alice": b"pw", b"bob": b"pw2"}))
+    s.from_client(cmd("AUTH", "alice", "pw"))
+    assert s.take_client() == OK
+    settle(s)
+    s.from_client(cmd("SUBSCRIBE", "a"))
+    s.from_upstream(conf(b"subscribe", b"a", 1))
+    s.take_client()
+    s.take_upstream()
+    s.from_client(cmd("HELLO", "3", "AUTH", "bob", "pw2") + cmd("AUTH", "bob", "pw2") + cmd("ACL", "WHOAMI"))
+    assert s.take_upstream() == cmd("HELLO")
+    assert s.user == "alice"
+    s.from_upstream(cant("hello"))
+    assert s.take_client() == cant("hello") + cant("auth") + cant("acl|whoami")
+    assert s.pending == 0
+    assert s.user == "alice" and s.protocol == 2
+
+
+def test_multi_refused_in_resp2_subscribed_mode_is_not_started() -> None:
+    s = open_session()
+    s.from_client(cmd("SSUBSCRIBE", "a"))
+    s.from_upstream(conf(b"ssubscribe", b"a", 1))
+    s.take_client()
+    s.from_client(cmd("MULTI") + cmd("SUBSCRIBE", "b", "c") + cmd("PING"))
+    pong = arr(bulk(b"pong"), bulk(b""))
+    replies = cant("multi") + conf(b"subscribe", b"b", 1) + conf(b"subscribe", b"c", 2) + pong
+    s.from_upstream(replies)
+    assert s.take_client() == replies
+    assert s.pending == 0
+
+
+def test_client_reply_refused_in_resp2_subscribed_mode_changes_nothing() -> None:
+    s = resp2_subscribed()
+    s.from_client(cmd("CLIENT", "REPLY", "OFF") + cmd("PING"))
+    pong = arr(bulk(b"pong"), bulk(b""))
+    assert s.pending == 2
+    s.from_upstream(cant("client|reply") + pong)
+    assert s.take_client() == cant("client|reply") + pong
+
+
+def test_hello_2_from_resp3_subscribed_mode_then_messages_are_arrays() -> None:
+    s = open_session()
+    s.from_client(cmd("HELLO", "3"))
+    s.from_upstream(HELLO3_REPLY)
+    s.from_client(cmd("SUBSCRIBE", "a"))
+    s.from_upstream(push(bulk(b"subscribe"), bulk(b"a"), b":1\r\n"))
+    s.take_client()
+    s.from_client(cmd("HELLO", "2") + cmd("PING"))
+    hello2 = b"*4\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:2\r\n"
+    msg = arr(bulk(b"message"), bulk(b"a"), bulk(b"hi"))
+    pong = arr(bulk(b"pong"), bulk(b""))
+    s.from_upstream(hello2 + msg + pong)
+    assert s.take_client() == hello2 + msg + pong
     assert s.pending == 0
