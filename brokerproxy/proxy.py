@@ -131,6 +131,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = "?"
         self.peer_host = "?"
         self.upstream_addr: tuple[str, int] | None = None  # where this connection's upstream went
+        self._upstream_sockname: tuple[str, int] | None = None  # our end of it, as Redis names this client
         self.rejected = False  # turned away (max_clients): none of the rest applies
         self._limits_on = False
         self._soft_since: float | None = None  # when the output buffer went over the soft limit
@@ -360,6 +361,8 @@ class ClientConnection(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=self.server.config.write_buffer_high_water)
         self.upstream = transport
+        sockname = transport.get_extra_info("sockname")
+        self._upstream_sockname = (sockname[0], sockname[1]) if isinstance(sockname, tuple) else None
         self.server.outage_ended()
         keepalive(transport, self.server.config.tcp_keepalive)
         self.server.observer.upstream_connections += 1
@@ -419,17 +422,21 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def master_switched(self) -> None:
-        """The Sentinels moved the master away from this connection's upstream. An idle or subscribed connection is
-        carried over to the new master (the old connection dropped unread: nothing of the client's is owed on it);
-        any other is closed cleanly, a blocked pop first answered as a timeout."""
+        """The Sentinels moved the master away from this connection's upstream. An idle, subscribed or blocked-pop
+        connection is carried over to the new master, a blocked pop first answered as a timeout; the old connection
+        is dropped unread. A blocked pop's old connection owes nothing either: from the failover's start the proxy
+        writes nothing to the old master, so no element reaches the list that pop waits on (anything written there
+        by others now is discarded when the old master resyncs as a replica). Any other connection is closed."""
         if self._left or self.transport is None:
             return
         if self.upstream is None and self._connecting is not None:
             return  # already on its way to the new master
         old = self.upstream
-        if old is not None and self.server.config.reattach and not self.session.blocked and not self._demoted:
+        if old is not None and self.server.config.reattach and not self._demoted:
             out, state = self.session.reattach()
             if out is not None:
+                if out:
+                    self.transport.write(out)  # the blocked pop's timeout
                 old.get_protocol().owner = _DETACHED  # type: ignore[attr-defined]
                 old.close()
                 if self._upstream_counted:
@@ -473,6 +480,7 @@ class ClientConnection(asyncio.Protocol):
             return False  # being closed already (idle sweep, reload, a protocol error): nothing to carry over
         if self.session.closing or self._demoted:
             return False
+        old_id, old_addr, where = self.session.upstream_id, self._upstream_sockname, self.upstream_addr
         out, state = self.session.reattach()
         if out is None:
             server.observer.reattach_failed(state)
@@ -485,6 +493,11 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(out)  # the blocked pop's timeout: what the client would have seen had no message come
         server.observer.reattached(state)
         server.outage_started()
+        if state == "blocked_pop" and old_id is not None and old_addr is not None and where is not None:
+            # Lost to us is not always gone from Redis (a network cut, a middlebox dropping the connection): there
+            # the old pop stays blocked and would take the next element for nobody. End it; after a restart the
+            # ID and address match no client (both filters must match).
+            server.kill_orphan(old_id, old_addr, where)
         self.upstream_done = asyncio.Event()
         self._unblock_sent = False
         self._upstream_paused = False

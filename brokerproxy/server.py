@@ -36,6 +36,8 @@ log = logging.getLogger("brokerproxy.server")
 REQUEUE_ATTEMPTS = 6
 #: CLIENT UNBLOCK attempts for a pop left behind by a gone client, and the wait between them.
 UNBLOCK_ATTEMPTS = 20
+#: CLIENT KILL attempts (backing off from 0.1 s to 2 s) for a lost upstream connection Redis may still hold.
+KILL_ORPHAN_ATTEMPTS = 8
 #: Peer addresses whose failed authentications are remembered (for the backoff).
 AUTH_FAILURE_PEERS = 10_000
 UNBLOCK_RETRY_SECONDS = 0.25
@@ -165,8 +167,8 @@ class Server:
 
     def _master_switched(self, old: tuple[str, int] | None, new: tuple[str, int]) -> None:
         """The Sentinels moved the master. New connections go to ``new`` at once; every connection bound to another
-        address is closed cleanly (a blocked pop first answered as a timeout), so clients reconnect to the new
-        master and nothing more is written to the demoted one."""
+        address is carried over to it where it can be (ClientConnection.master_switched) or closed cleanly, so that
+        nothing more is written to the demoted one."""
         self.upstream_addr = new
         self._hold_until = 0.0
         self._settled.set()
@@ -327,6 +329,29 @@ class Server:
             if reply.startswith(b"-"):
                 raise ConnectionError(reply[1:].strip().decode("utf-8", "replace"))
         return replies[len(handshake) :]
+
+    def kill_orphan(self, upstream_id: int, client_addr: tuple[str, int], address: tuple[str, int]) -> None:
+        """Close, on the Redis at ``address``, an upstream connection of ours that we lost but Redis may still hold
+        (a blocked pop in it would take an element for nobody): CLIENT KILL ID with ADDR, so that after a restart
+        (IDs start again) it matches no one else."""
+        self.spawn(self._kill_orphan(upstream_id, client_addr, address), f"kill orphan {upstream_id}")
+
+    async def _kill_orphan(self, upstream_id: int, client_addr: tuple[str, int], address: tuple[str, int]) -> None:
+        host, port = client_addr
+        cmd = [b"CLIENT", b"KILL", b"ID", str(upstream_id).encode(), b"ADDR", f"{host}:{port}".encode()]
+        delay = 0.1
+        for _ in range(KILL_ORPHAN_ATTEMPTS):
+            try:
+                (reply,) = await self.side_commands([cmd], address)
+            except (TimeoutError, OSError, ConnectionError):
+                await asyncio.sleep(delay)  # Redis restarting: the old connection died with it anyway
+                delay = min(delay * 2, 2.0)
+                continue
+            if reply.startswith(b":1"):
+                log.warning("closed an upstream connection Redis still held for us", extra={"id": upstream_id})
+            elif reply.startswith(b"-"):
+                log.warning("CLIENT KILL of a lost upstream connection failed", extra={"error": reply.strip().decode()})
+            return
 
     def requeue(self, commands: Requeue, why: str) -> None:
         """Put popped elements back, on a connection of their own."""

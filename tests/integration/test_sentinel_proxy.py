@@ -58,7 +58,7 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - t0
 
 
-def test_failover_closes_old_connections_and_answers_blocked_pops_as_timeouts(
+def test_failover_carries_connections_and_answers_blocked_pops_as_timeouts(
     cluster: SentinelCluster, start_proxy: StartProxy
 ) -> None:
     metrics = free_port()
@@ -82,14 +82,13 @@ def test_failover_closes_old_connections_and_answers_blocked_pops_as_timeouts(
 
     t0 = time.monotonic()
     cluster.failover()
-    # The blocked clients see a timeout (the null reply of their protocol), then the connection closes.
+    # The blocked clients see a timeout (the null reply of their protocol), and their connections are carried
+    # over to the new master: the same TCP connections pop again, and get what is pushed there.
     assert blocked.recv(100) == b"*-1\r\n"
-    assert blocked.recv(100) == b""
     assert resp3.recv(100) == b"_\r\n"
-    assert resp3.recv(100) == b""
     noticed = time.monotonic() - t0
-    blocked.close()
-    resp3.close()
+    blocked.sendall(b"*3\r\n$5\r\nBRPOP\r\n$5\r\nqueue\r\n$1\r\n0\r\n")
+    resp3.sendall(b"*3\r\n$5\r\nBLPOP\r\n$5\r\nqueue\r\n$1\r\n0\r\n")
 
     # New connections go to the new master at once; the idle client's connection was closed, and redis-py's
     # retry on a fresh connection reaches the new master too.
@@ -109,6 +108,11 @@ def test_failover_closes_old_connections_and_answers_blocked_pops_as_timeouts(
     assert c.set("carried", "1")
     assert cluster.node_client(new).get("carried") == "1"
     assert c.connection_pool._created_connections == 1  # type: ignore[attr-defined]
+    cluster.node_client(new).rpush("queue", "m1", "m2")
+    assert blocked.recv(100) == b"*2\r\n$5\r\nqueue\r\n$2\r\nm2\r\n"  # BRPOP: the right end
+    assert resp3.recv(100) == b"*2\r\n$5\r\nqueue\r\n$2\r\nm1\r\n"  # BLPOP: the left end
+    blocked.close()
+    resp3.close()
     assert '"master switched; closing the connections bound to the old one"' in proxy.logs()
     print(
         f"failover noticed by the blocked clients after {noticed:.2f}s; "
