@@ -193,6 +193,11 @@ _ReplyError = resp.ReplyErrorType
 _QUEUED = b"+QUEUED\r\n"
 #: RESP3 (p/s)subscribe confirmations, as push frames.
 _CONFIRMATIONS = (b">3\r\n$9\r\nsubscribe\r\n", b">3\r\n$10\r\npsubscribe\r\n", b">3\r\n$10\r\nssubscribe\r\n")
+#: RESP3 (un)subscribe confirmations of every kind (the first element of the push frame).
+_PUSH_CONFIRMATIONS = tuple(
+    b">3\r\n$%d\r\n%s\r\n" % (len(k), k)
+    for k in (b"subscribe", b"unsubscribe", b"psubscribe", b"punsubscribe", b"ssubscribe", b"sunsubscribe")
+)
 #: A request's arguments are all bulk strings; hiredis would also hand back integers, arrays, nulls, errors...
 _BYTES_ONLY = frozenset({bytes})
 _CONSUMER_POPS = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax"})
@@ -747,8 +752,9 @@ class Session:
             self._forward(req)  # Redis answers (queues it, or an arity error): one reply
             return
         self._subscriptions(kind).update(channels)
-        # RESP3: confirmations are push frames, no reply. RESP2: one confirmation array per channel.
-        self._forward(req, expected=0 if self.protocol == 3 else len(channels), hook="subscribe")
+        # One confirmation per channel: an array in RESP2, a push frame in RESP3. A push is no reply, but the proxy's
+        # own replies to later requests must still wait for it, as Redis's do: the slot waits for them either way.
+        self._forward(req, expected=len(channels), hook="subscribe")
 
     def _cmd_unsubscribe(self, req: resp.Request) -> None:
         kind = UNSUBSCRIBE[req.name]
@@ -763,7 +769,7 @@ class Session:
         else:
             count = max(1, len(subs))  # with none, Redis still confirms once (channel nil, count 0)
             subs.clear()
-        self._forward(req, expected=0 if self.protocol == 3 else count, hook="subscribe")
+        self._forward(req, expected=count, hook="subscribe")
 
     def _subscriptions(self, kind: str) -> set[bytes]:
         return self._channels if kind == "channel" else self._patterns if kind == "pattern" else self._shard
@@ -962,6 +968,8 @@ class Session:
             kind == resp.PUSH
             or self._monitor
             or ((self._subscribed_seen or self._shard_seen) and raw.startswith(_MESSAGE_PREFIXES))
+        ) and not (  # a RESP3 (un)subscribe confirmation, owed to the slot at the head
+            kind == resp.PUSH and slots and slots[0].hook == "subscribe" and raw.startswith(_PUSH_CONFIRMATIONS)
         ):
             if not self._gone:
                 out += raw
@@ -1016,7 +1024,8 @@ class Session:
                 self._slots.popleft()
             return  # the proxy's own re-subscription (reattach): the client saw its confirmations long ago
         if hook == "subscribe":
-            self._confirmation(raw)
+            if raw[:1] != b">":  # RESP3 has no array messages to tell from replies: nothing to count
+                self._confirmation(raw)
             slot.expected -= 1
             if slot.expected <= 0 or is_error:
                 self._slots.popleft()

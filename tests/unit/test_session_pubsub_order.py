@@ -198,3 +198,83 @@ def test_hello_2_from_resp3_subscribed_mode_then_messages_are_arrays() -> None:
     s.from_upstream(hello2 + msg + pong)
     assert s.take_client() == hello2 + msg + pong
     assert s.pending == 0
+
+
+# ----------------------------------------------------------------------------------------------- RESP3 confirmations
+
+
+def pconf(kind: bytes, channel: bytes | None, count: int) -> bytes:
+    """A RESP3 (un)subscribe confirmation: a push frame."""
+    return push(bulk(kind), b"_\r\n" if channel is None else bulk(channel), b":%d\r\n" % count)
+
+
+def resp3_session() -> Session:
+    s = open_session()
+    s.from_client(cmd("HELLO", "3"))
+    s.from_upstream(HELLO3_REPLY)
+    assert s.take_client() == HELLO3_REPLY
+    s.take_upstream()
+    return s
+
+
+def test_resp3_protocol_error_waits_for_the_confirmations() -> None:
+    s = resp3_session()
+    s.from_client(cmd("SUBSCRIBE", "a", "b") + b"*1\r\n:1\r\n")
+    assert s.take_client() == b""
+    s.from_upstream(pconf(b"subscribe", b"a", 1))
+    assert s.take_client() == pconf(b"subscribe", b"a", 1)
+    s.from_upstream(pconf(b"subscribe", b"b", 2))
+    assert s.take_client() == pconf(b"subscribe", b"b", 2) + err("ERR Protocol error: expected '$', got ':'")
+    assert s.pending == 0
+
+
+def test_resp3_messages_and_invalidations_between_confirmations_are_not_counted() -> None:
+    s = resp3_session()
+    s.from_client(cmd("SUBSCRIBE", "a"))
+    s.from_upstream(pconf(b"subscribe", b"a", 1))
+    s.from_client(cmd("PSUBSCRIBE", "x*", "y*") + cmd("AUTH", "default", "x"))
+    msg = push(bulk(b"message"), bulk(b"a"), bulk(b"hi"))
+    invalidate = push(bulk(b"invalidate"), arr(bulk(b"k")))
+    s.from_upstream(pconf(b"psubscribe", b"x*", 2) + msg + invalidate)
+    assert s.pending == 2  # the second confirmation, then +OK
+    s.from_upstream(pconf(b"psubscribe", b"y*", 3) + msg)
+    assert s.take_client() == (
+        pconf(b"subscribe", b"a", 1) + pconf(b"psubscribe", b"x*", 2) + msg + invalidate
+        + pconf(b"psubscribe", b"y*", 3) + OK + msg
+    )  # fmt: skip
+    assert s.pending == 0
+
+
+def test_resp3_unsubscribe_all_waits_for_each_confirmation() -> None:
+    s = resp3_session()
+    s.from_client(cmd("SUBSCRIBE", "a", "b"))
+    s.from_upstream(pconf(b"subscribe", b"a", 1) + pconf(b"subscribe", b"b", 2))
+    s.take_client()
+    s.from_client(cmd("UNSUBSCRIBE") + cmd("UNSUBSCRIBE", "z") + cmd("AUTH", "default", "x") + cmd("GET", "k"))
+    assert s.pending == 4
+    replies = pconf(b"unsubscribe", b"a", 1) + pconf(b"unsubscribe", b"b", 0) + pconf(b"unsubscribe", b"z", 0)
+    s.from_upstream(replies + b"_\r\n")
+    assert s.take_client() == replies + OK + b"_\r\n"
+    assert s.pending == 0
+    assert not s.subscribed
+
+
+def test_resp3_confirmations_with_replies_off() -> None:
+    s = resp3_session()
+    s.from_client(cmd("CLIENT", "REPLY", "OFF") + cmd("SUBSCRIBE", "a") + cmd("PING") + cmd("AUTH", "default", "x"))
+    assert s.pending == 1
+    s.from_upstream(pconf(b"subscribe", b"a", 1))
+    assert s.take_client() == pconf(b"subscribe", b"a", 1)
+    assert s.pending == 0
+
+
+def test_resp3_subscribed_reply_that_looks_like_a_resp2_message_is_a_reply() -> None:
+    # RESP3 messages are pushes: an array shaped like a RESP2 message (a list holding "message") is a reply.
+    s = resp3_session()
+    s.from_client(cmd("SUBSCRIBE", "a"))
+    s.from_upstream(pconf(b"subscribe", b"a", 1))
+    s.from_client(cmd("LRANGE", "l", "0", "-1") + cmd("AUTH", "default", "x"))
+    looks_like_message = arr(bulk(b"message"), bulk(b"a"), bulk(b"hi"))
+    s.from_upstream(looks_like_message)
+    assert s.take_client() == pconf(b"subscribe", b"a", 1) + looks_like_message + OK
+    assert s.pending == 0
