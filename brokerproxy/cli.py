@@ -212,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if worker is not None:
             # A worker serves its metrics on a loopback port of its own, which it reports to the supervisor.
             if config.metrics_listen is not None:
-                config = dataclasses.replace(config, metrics_listen=Address("127.0.0.1", 0))
+                # Open to the supervisor's scrapes (the supervisor's own listener checks the auth token).
+                metrics = dataclasses.replace(config.metrics, auth_token="")
+                config = dataclasses.replace(config, metrics_listen=Address("127.0.0.1", 0), metrics=metrics)
             return loop.run_until_complete(
                 _run(config, lambda: build_config(argv, dict(os.environ)), lambda s: _report_ready(s, worker[1]))
             )
@@ -385,12 +387,13 @@ SUMMARY_QUEUES = 12
 SUMMARY_TASKS = 8
 
 
-def fetch_status(base: str, timeout: float) -> dict[str, Any]:
+def fetch_status(base: str, timeout: float, token: str = "") -> dict[str, Any]:
     """GET <base>/api/status?history=0, straight (no HTTP proxy from the environment: the listener is local or
-    in-cluster). Raises OSError (urllib.error.URLError is one) or ValueError."""
+    in-cluster), with the metrics auth token if given. Raises OSError (urllib.error.URLError is one) or ValueError."""
     url = base.rstrip("/") + "/api/status?history=0"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=timeout) as response:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with opener.open(request, timeout=timeout) as response:
         body = response.read()
     data = json.loads(body)
     if not isinstance(data, dict) or "queues" not in data or "upstream" not in data:
@@ -494,14 +497,31 @@ def status(argv: Sequence[str]) -> int:
         default=default,
         help=f"the proxy's metrics listener (default {DEFAULT_METRICS_URL}; env BROKERPROXY_METRICS_URL)",
     )
+    p.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        default=os.environ.get("BROKERPROXY_METRICS_AUTH_TOKEN_FILE", ""),
+        help="a file holding the listener's auth token ([metrics] auth_token_file; env "
+        "BROKERPROXY_METRICS_AUTH_TOKEN_FILE)",
+    )
     p.add_argument("--timeout", metavar="SECONDS", type=float, default=5.0, help="bound on the request (default 5)")
     p.add_argument("--json", action="store_true", help="print the status as JSON instead")
     args = p.parse_args(argv)
     base = args.metrics_url if "://" in args.metrics_url else "http://" + args.metrics_url
+    token = ""
+    if args.auth_token_file:
+        try:
+            with open(args.auth_token_file, encoding="utf-8") as fh:
+                token = fh.read().rstrip("\r\n")
+        except OSError as exc:
+            print(f"brokerproxy: cannot read --auth-token-file {args.auth_token_file}: {exc.strerror}", file=sys.stderr)
+            return EXIT_UNREACHABLE
     try:
-        data = fetch_status(base, args.timeout)
+        data = fetch_status(base, args.timeout, token)
     except urllib.error.HTTPError as exc:
         hint = " (is it a brokerproxy metrics listener, of a version with the status page?)" if exc.code == 404 else ""
+        if exc.code == 401:
+            hint = " (the listener wants its auth token: --auth-token-file)"
         print(f"brokerproxy: {base}/api/status answered HTTP {exc.code}{hint}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except urllib.error.URLError as exc:

@@ -6,6 +6,7 @@ variables, command-line flags. Every error names the key (``limits.max_bulk_leng
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -218,6 +219,11 @@ class Metrics:
     max_tasks: int = 100
     key_prefix: str = ""  # kombu's global_keyprefix, stripped from queue names
     depth_poll_interval: float = DEFAULT_DEPTH_POLL_INTERVAL
+    #: Where the secret that guards /metrics, /api/status and / is kept (a file or an environment variable); the
+    #: probes /healthz and /readyz stay open. Given as a bearer token or as a Basic password (any user name).
+    auth_token_file: str = ""
+    auth_token_env: str = ""
+    auth_token: str = field(default="", repr=False)  # read from one of the two above at load
 
 
 @dataclass(frozen=True)
@@ -413,6 +419,8 @@ METRICS_KEYS = {
     "max_tasks": _positive(int),
     "key_prefix": lambda key, value: value if isinstance(value, str) else _fail(key, "expected a string"),
     "depth_poll_interval": _positive(float),
+    "auth_token_file": lambda key, value: value if isinstance(value, str) else _fail(key, "expected a path"),
+    "auth_token_env": lambda key, value: value if isinstance(value, str) else _fail(key, "expected a variable name"),
 }
 
 
@@ -635,29 +643,29 @@ def _server_tls(raw: Any, config_path: str | None) -> ServerTLS:
     return ServerTLS(**values)
 
 
-def _secrets(key: str, entry: dict[str, Any]) -> list[str]:
-    """Passwords a secret manager supplies: ``password_file`` (a file holding one password, a trailing newline
-    ignored) and ``password_env`` (the name of an environment variable)."""
+def _secrets(key: str, entry: dict[str, Any], name: str = "password") -> list[str]:
+    """Secrets a secret manager supplies: ``<name>_file`` (a file holding one, a trailing newline ignored) and
+    ``<name>_env`` (the name of an environment variable)."""
     out: list[str] = []
-    path = entry.get("password_file")
+    path = entry.get(f"{name}_file") or None
     if path is not None:
         if not isinstance(path, str):
-            raise ConfigError(f"{key}.password_file", "expected a path")
+            raise ConfigError(f"{key}.{name}_file", "expected a path")
         try:
             with open(path, encoding="utf-8") as fh:
                 secret = fh.read().rstrip("\r\n")
         except OSError as exc:
-            raise ConfigError(f"{key}.password_file", f"cannot read {path}: {exc.strerror}") from None
+            raise ConfigError(f"{key}.{name}_file", f"cannot read {path}: {exc.strerror}") from None
         if not secret:
-            raise ConfigError(f"{key}.password_file", f"{path} is empty")
+            raise ConfigError(f"{key}.{name}_file", f"{path} is empty")
         out.append(secret)
-    var = entry.get("password_env")
+    var = entry.get(f"{name}_env") or None
     if var is not None:
         if not isinstance(var, str):
-            raise ConfigError(f"{key}.password_env", "expected an environment variable name")
+            raise ConfigError(f"{key}.{name}_env", "expected an environment variable name")
         secret = os.environ.get(var, "")
         if not secret:
-            raise ConfigError(f"{key}.password_env", f"environment variable {var} is not set or empty")
+            raise ConfigError(f"{key}.{name}_env", f"environment variable {var} is not set or empty")
         out.append(secret)
     return out
 
@@ -714,6 +722,11 @@ def load(
         if key not in METRICS_KEYS:
             raise ConfigError(f"metrics.{key}", "unknown key")
     metrics = Metrics(**{k: METRICS_KEYS[k](f"metrics.{k}", v) for k, v in metrics_raw.items()})
+    tokens = _secrets("metrics", metrics_raw, "auth_token")
+    if len(tokens) > 1:
+        raise ConfigError("metrics.auth_token_env", "auth_token_file is set too: give one of the two")
+    if tokens:
+        metrics = dataclasses.replace(metrics, auth_token=tokens[0])
 
     acl_cfg = _acl(raw.get("acl", {}), path)
     audit = _audit(raw.get("audit", {}))

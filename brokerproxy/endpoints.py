@@ -12,12 +12,21 @@ malicious scraper holds one bounded buffer and then is dropped.
   (``status_page.html``, self-contained: no external scripts, styles or fonts, so it works air-gapped); both only
   when a status source is given, which the endpoint also samples every ``status.interval`` seconds for the history;
 * anything else: 404; a method other than GET/HEAD: 405; a malformed or oversized request: 400/431, then close.
+
+With an ``auth_token`` (``[metrics] auth_token_file`` / ``auth_token_env``), everything but the probes needs it,
+as Prometheus sends it: ``Authorization: Bearer <token>`` (``authorization.credentials_file``) or Basic auth with
+the token as the password and any user name (``basic_auth``, and what a browser prompts for). Otherwise 401,
+counted in ``brokerproxy_metrics_auth_failures_total``. The probes stay open: kubelets and load balancers send no
+credentials, and they tell nothing but up or ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hmac
 import importlib.resources
 import json
 import logging
@@ -26,6 +35,8 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from . import metrics
 
@@ -51,6 +62,7 @@ MAX_CONNECTIONS = 64
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -107,6 +119,42 @@ class _BadRequest(Exception):
         self.status = status
 
 
+#: Paths served without the auth token: the probes.
+OPEN_PATHS = frozenset(("/healthz", "/readyz"))
+_CHALLENGE = [("WWW-Authenticate", 'Basic realm="brokerproxy", charset="UTF-8"')]
+_UNAUTHORIZED = b"auth token required (Bearer, or Basic with the token as the password)\n"
+
+
+def authorized(header: str | None, token: bytes) -> bool:
+    """Whether an Authorization header carries ``token``: as a bearer token, or as a Basic password."""
+    if not header:
+        return False
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        given = value.encode("utf-8", "surrogateescape")
+    elif scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(value, validate=True).partition(b":")[2]
+        except (binascii.Error, ValueError):
+            return False
+    else:
+        return False
+    return hmac.compare_digest(given, token)
+
+
+class _AuthFailures(Collector):
+    def __init__(self, endpoints: HTTPEndpoints) -> None:
+        self.endpoints = endpoints
+
+    def collect(self) -> Any:
+        yield CounterMetricFamily(
+            "brokerproxy_metrics_auth_failures",
+            "Requests to the metrics listener refused for a missing or wrong auth token (the probes need none).",
+            value=self.endpoints.auth_failures,
+        )
+
+
 class HTTPEndpoints:
     """``/metrics``, ``/healthz`` and ``/readyz`` on one listener. ``await start(host, port)``, ``await close()``."""
 
@@ -123,8 +171,14 @@ class HTTPEndpoints:
         write_timeout: float = WRITE_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        auth_token: str = "",
     ) -> None:
         self.registry = registry
+        self._token = auth_token.encode("utf-8", "surrogateescape")
+        self.auth_token = bool(auth_token)
+        self.auth_failures = 0
+        if auth_token:
+            registry.register(_AuthFailures(self))
         self.ready = ready
         self.render = render
         self.status = status
@@ -270,6 +324,9 @@ class HTTPEndpoints:
         if method not in ("GET", "HEAD"):
             status, body, ctype = 405, b"only GET and HEAD\n", _TEXT
             extra = [("Allow", "GET, HEAD")]
+        elif self.auth_token and path not in OPEN_PATHS and not authorized(headers.get("authorization"), self._token):
+            self.auth_failures += 1
+            status, body, ctype, extra = 401, _UNAUTHORIZED, _TEXT, _CHALLENGE
         else:
             if self.refresh is not None:
                 try:

@@ -446,7 +446,10 @@ class Server:
             self.spawn(self._watch_tls(min(intervals)), "tls file watch")
         maddr = self.config.metrics_listen
         if maddr is not None:
-            self._endpoints = HTTPEndpoints(build_registry(self.observer), self.ready, status=StatusBoard(self))
+            self._endpoints = HTTPEndpoints(
+                build_registry(self.observer), self.ready, status=StatusBoard(self),
+                auth_token=self.config.metrics.auth_token,
+            )  # fmt: skip
             await self._endpoints.start(maddr.host, maddr.port)
             # Readiness and queue depth exist only for the endpoints: without them, no side connection every few
             # seconds and no "upstream does not answer" log lines.

@@ -200,7 +200,9 @@ class Supervisor:
             registry = CollectorRegistry()
             registry.register(aggregate.FamiliesCollector(lambda: self.merged))
             self.board = GroupBoard(self)
-            self._endpoints = HTTPEndpoints(registry, self.ready, status=self.board, refresh=self.refresh)
+            self._endpoints = HTTPEndpoints(
+                registry, self.ready, status=self.board, refresh=self.refresh, auth_token=self.config.metrics.auth_token
+            )
             try:
                 await self._endpoints.start(maddr.host, maddr.port)
             except OSError as exc:
