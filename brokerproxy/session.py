@@ -198,6 +198,8 @@ _PUSH_CONFIRMATIONS = tuple(
     b">3\r\n$%d\r\n%s\r\n" % (len(k), k)
     for k in (b"subscribe", b"unsubscribe", b"psubscribe", b"punsubscribe", b"ssubscribe", b"sunsubscribe")
 )
+#: Hooks of slots that RESP3 (un)subscribe confirmations (push frames) belong to.
+_CONFIRMED = ("subscribe", "exec-rest")
 #: A request's arguments are all bulk strings; hiredis would also hand back integers, arrays, nulls, errors...
 _BYTES_ONLY = frozenset({bytes})
 _CONSUMER_POPS = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax"})
@@ -304,6 +306,15 @@ class Session:
         self._client_name: bytes | None = None  # CLIENT SETNAME (or HELLO SETNAME), replayed on a new connection
         self._multi_pops: list[tuple[int, resp.Request]] = []  # pops queued in this MULTI, by position
         self._multi_queued = 0  # commands queued in this MULTI so far
+        self._multi_subs: list[tuple[int, resp.Request]] = []  # (un)subscriptions queued in this MULTI, by position
+        # EXEC of a transaction that queued (un)subscriptions: the requests after it wait (unparsed) for its reply,
+        # which alone tells how many frames it takes and what is subscribed after it (see _exec_reply).
+        self._hold = False
+        self._released = False  # the hold ended in this read of replies: parse the requests that waited
+        self._exec_subs: list[tuple[int, resp.Request]] = []
+        self._exec_pops: list[tuple[int, resp.Request]] = []
+        self._exec_trailing: dict[int, resp.Request] = {}  # pops whose replies come after EXEC's array, by frame
+        self._exec_seen = 0  # frames after EXEC's array so far
         self._channels: set[bytes] = set()
         self._patterns: set[bytes] = set()
         self._shard: set[bytes] = set()
@@ -383,10 +394,13 @@ class Session:
             return
         if self._fast_requests(data):
             return
+        self._exact_requests(data)
+
+    def _exact_requests(self, data: bytes) -> None:
         parser = self._requests
         try:
             parser.feed(data)
-            while not self._closing:
+            while not self._closing and not self._hold:  # held: what follows waits in the parser
                 req = parser.next()
                 if req is None:
                     break
@@ -690,6 +704,8 @@ class Session:
         self.protocol = 2
         self.db = 0
         self._in_multi = self._multi_dirty = False
+        if self._multi_subs:
+            self._multi_subs = []
         self._channels.clear()
         self._patterns.clear()
         self._shard.clear()
@@ -707,6 +723,8 @@ class Session:
             self._in_multi = True
             self._multi_dirty = False
             self._multi_pops, self._multi_queued = [], 0
+            if self._multi_subs:
+                self._multi_subs = []
         self._forward(req)
 
     def _cmd_exec(self, req: resp.Request) -> None:
@@ -720,17 +738,29 @@ class Session:
         else:
             pops = self._multi_pops if self._in_multi else []
             slots = len(self._slots)
-            self._forward(req)
-            if pops and len(self._slots) > slots:
+            if self._in_multi and self._multi_subs:
+                self._forward(req, hook="exec")
+                self._slots[-1].queued = pops  # where their replies are is known at EXEC's reply (_exec_reply)
+                self._exec_subs, self._exec_pops = self._multi_subs, pops
+                self._multi_subs = []
+                self._hold = True
+                self._fast_reader = None  # the fast path declines while requests are held
+            else:
+                self._forward(req)
+            if pops and len(self._slots) > slots and not self._hold:
                 # Its reply carries what the queued pops took: read it (not a plain slot) if the client is gone.
                 slot = self._slots[-1] = _Slot(_FORWARD, request=req)
                 slot.queued = pops
         self._in_multi = self._multi_dirty = False
         self._multi_pops, self._multi_queued = [], 0
+        if self._multi_subs:
+            self._multi_subs = []
         self._watching = False
 
     def _cmd_discard(self, req: resp.Request) -> None:
         self._in_multi = self._multi_dirty = False
+        if self._multi_subs:
+            self._multi_subs = []
         self._watching = False
         self._forward(req)
 
@@ -746,30 +776,47 @@ class Session:
         self._forward(req, hook="" if self._in_multi else "select")
 
     def _cmd_subscribe(self, req: resp.Request) -> None:
-        kind = SUBSCRIBE[req.name]
-        channels = req.args[1:]
-        if self._in_multi or not channels:
-            self._forward(req)  # Redis answers (queues it, or an arity error): one reply
-            return
-        self._subscriptions(kind).update(channels)
-        # One confirmation per channel: an array in RESP2, a push frame in RESP3. A push is no reply, but the proxy's
-        # own replies to later requests must still wait for it, as Redis's do: the slot waits for them either way.
-        self._forward(req, expected=len(channels), hook="subscribe")
+        if len(req.args) < 2:
+            self._forward(req)  # Redis answers an arity error: one reply
+        elif self._in_multi:
+            # SSUBSCRIBE is refused inside EXEC (one error reply, as any command's); the others subscribe there.
+            self._queue_subscription(req, req.name != "ssubscribe")
+        else:
+            # One confirmation per channel: an array in RESP2, a push frame in RESP3. A push is no reply, but the
+            # proxy's own replies to later requests must still wait for it, as Redis's do.
+            self._forward(req, expected=self._subscription_change(req), hook="subscribe")
 
     def _cmd_unsubscribe(self, req: resp.Request) -> None:
-        kind = UNSUBSCRIBE[req.name]
         if self._in_multi:
-            self._forward(req)
-            return
-        subs = self._subscriptions(kind)
-        channels = req.args[1:]
-        if channels:
-            count = len(channels)
-            subs.difference_update(channels)
+            self._queue_subscription(req, True)
         else:
-            count = max(1, len(subs))  # with none, Redis still confirms once (channel nil, count 0)
-            subs.clear()
-        self._forward(req, expected=count, hook="subscribe")
+            self._forward(req, expected=self._subscription_change(req), hook="subscribe")
+
+    def _queue_subscription(self, req: resp.Request, subscribes: bool) -> None:
+        """An (un)subscription inside MULTI: Redis queues it (+QUEUED) and runs it at EXEC."""
+        if subscribes:
+            if self._reply_off:
+                # With replies off, what EXEC sends is its confirmations if it ran, nothing if it did not: the proxy
+                # could not tell how many frames to wait for. Refused (silently, as replies are off): EXEC aborts.
+                self._refuse(NOT_IN_MULTI)
+                return
+            self._multi_subs.append((self._multi_queued, req))
+        self._forward(req)
+
+    def _subscription_change(self, req: resp.Request) -> int:
+        """Apply an (un)subscription to the subscriptions mirrored from Redis; how many confirmations it gets."""
+        channels = req.args[1:]
+        kind = SUBSCRIBE.get(req.name)
+        if kind is not None:
+            self._subscriptions(kind).update(channels)
+            return len(channels)
+        subs = self._subscriptions(UNSUBSCRIBE[req.name])
+        if channels:
+            subs.difference_update(channels)
+            return len(channels)
+        count = max(1, len(subs))  # with none, Redis still confirms once (channel nil, count 0)
+        subs.clear()
+        return count
 
     def _subscriptions(self, kind: str) -> set[bytes]:
         return self._channels if kind == "channel" else self._patterns if kind == "pattern" else self._shard
@@ -866,6 +913,10 @@ class Session:
                 return
         if span_end:
             out += parser.span(span_start, span_end)
+        if self._released:
+            self._released = False
+            if not self._closing and not self._gone:
+                self._exact_requests(b"")  # the requests that waited for EXEC's reply
 
     def _fast_replies(self, data: bytes) -> bool:
         """The common case: a read holding only whole replies to ordinary requests is written as it arrived.
@@ -969,7 +1020,7 @@ class Session:
             or self._monitor
             or ((self._subscribed_seen or self._shard_seen) and raw.startswith(_MESSAGE_PREFIXES))
         ) and not (  # a RESP3 (un)subscribe confirmation, owed to the slot at the head
-            kind == resp.PUSH and slots and slots[0].hook == "subscribe" and raw.startswith(_PUSH_CONFIRMATIONS)
+            kind == resp.PUSH and slots and slots[0].hook in _CONFIRMED and raw.startswith(_PUSH_CONFIRMATIONS)
         ):
             if not self._gone:
                 out += raw
@@ -978,7 +1029,12 @@ class Session:
             raise ProtocolError("reply from upstream with no request waiting for it")
         slot = slots[0]
         observer = self._observer
-        if observer is not None and slot.kind == _FORWARD and (slot.expected == 1 or raw[:1] == b"-"):
+        if (
+            observer is not None
+            and slot.kind == _FORWARD
+            and (slot.expected == 1 or raw[:1] == b"-")
+            and slot.hook != "exec-rest"  # EXEC was counted on its array
+        ):
             # Once per command: on its last (or only) reply frame, or its error.
             observer.command(slot.name, "error" if raw[:1] in (b"-", b"!") else "ok")
         if slot.kind == _FORWARD and not slot.hook:
@@ -1017,6 +1073,9 @@ class Session:
                 self._out_client += slot.data
             return
         hook = slot.hook
+        if hook == "exec" or hook == "exec-rest":
+            self._exec_reply(slot, raw, is_error)
+            return
         if hook == "resubscribe":
             self._confirmation(raw)
             slot.expected -= 1
@@ -1053,6 +1112,72 @@ class Session:
     def _hello_version(req: resp.Request) -> int | None:
         """The protocol version a HELLO asks for (already checked to be 2 or 3 when given)."""
         return int(req.args[1]) if len(req.args) >= 2 else None
+
+    def _exec_reply(self, slot: _Slot, raw: bytes, is_error: bool) -> None:
+        """A frame of the reply to an EXEC whose transaction queued (un)subscriptions.
+
+        Inside EXEC, an (un)subscription's confirmations (one per channel: RESP2 arrays or RESP3 pushes) take the
+        place of its reply, so EXEC's array header counts one frame per command while Redis sends one per
+        confirmation: the frames past the array's end are EXEC's too. How many, and what is subscribed after, is
+        known once EXEC has run (a WATCHed key or a queuing error and nothing ran); so the requests after EXEC
+        were held until its first frame, and are parsed once its last one has come."""
+        if slot.hook == "exec-rest":
+            pop = self._exec_trailing.get(self._exec_seen)
+            self._exec_seen += 1
+            if pop is not None:
+                self._deliver(_Slot(_FORWARD, request=pop), raw)
+            elif not self._gone:
+                self._out_client += raw
+            slot.expected -= 1
+            if slot.expected <= 0:
+                self._slots.popleft()
+                self._exec_done()
+            return
+        if is_error or _is_null(raw) or raw[:1] != b"*":
+            self._slots.popleft()  # not run: nothing subscribed, and no more frames
+            self._deliver(slot, raw)
+            self._exec_done()
+            return
+        size = int(raw[1 : raw.index(b"\r\n")])
+        # Run the (un)subscriptions as Redis did: (command position, frames it took beyond the one counted).
+        extra = [(position, self._subscription_change(sub) - 1) for position, sub in self._exec_subs]
+        trailing: dict[int, resp.Request] = {}
+        inside: list[tuple[int, resp.Request]] = []
+        for position, pop in self._exec_pops:
+            frame = position + sum(n for p, n in extra if p < position)  # where the pop's reply is
+            if frame < size:
+                inside.append((frame, pop))
+            else:
+                trailing[frame - size] = pop
+        slot.queued = inside
+        self._deliver(slot, raw)
+        rest = sum(n for _, n in extra)
+        if rest > 0:
+            slot.hook, slot.expected = "exec-rest", rest
+            self._exec_trailing, self._exec_seen = trailing, 0
+        else:
+            self._slots.popleft()
+            self._exec_done()
+
+    def _exec_done(self) -> None:
+        if self.protocol == 2:  # messages may come from now on, as arrays
+            self._subscribed_seen = len(self._channels) + len(self._patterns)
+            self._shard_seen = len(self._shard)
+        self._exec_subs, self._exec_pops, self._exec_trailing = [], [], {}
+        self._hold = False
+        self._released = True
+        self._fast_reader = resp.fast_reader()
+
+    def _deliver(self, slot: _Slot, raw: bytes) -> None:
+        """A reply for the client, as _frame hands one over: pops it carries are tracked, or put back if it is gone."""
+        req = slot.request
+        if self._gone:
+            self._lost_reply(slot, raw)
+            return
+        out = self._out_client
+        out += raw
+        if req is not None and (req.name in POPS or slot.queued) and not _is_null(raw) and raw != _QUEUED:
+            self._delivered_pops.append((self._written + len(out), slot, raw))
 
     def _confirmation(self, raw: bytes) -> None:
         """Track how many subscriptions Redis reports, from a RESP2 (un)subscribe confirmation."""
@@ -1096,6 +1221,8 @@ class Session:
         pop served in the same event-loop turn as the EOF would be lost inside Redis."""
         self._gone = True
         self._out_client.clear()
+        if self._exec_trailing:  # pops whose replies come after EXEC's array
+            return True
         return any(s.queued or (s.request is not None and s.request.name in POPS) for s in self._slots)
 
     @property

@@ -278,3 +278,128 @@ def test_resp3_subscribed_reply_that_looks_like_a_resp2_message_is_a_reply() -> 
     s.from_upstream(looks_like_message)
     assert s.take_client() == pconf(b"subscribe", b"a", 1) + looks_like_message + OK
     assert s.pending == 0
+
+
+# ------------------------------------------------------------------------------------------ (un)subscribe inside MULTI
+
+RESP2_PONG = arr(bulk(b"pong"), bulk(b""))  # PING's reply in RESP2 subscribed mode
+
+
+def test_subscribe_queued_in_multi_resp2() -> None:
+    s = open_session()
+    s.from_client(cmd("MULTI") + cmd("SUBSCRIBE", "b", "c") + cmd("EXEC") + cmd("PING"))
+    # PING waits for EXEC's reply: only then is it known whether SUBSCRIBE ran.
+    assert requests_in(s.take_upstream()) == [[b"MULTI"], [b"SUBSCRIBE", b"b", b"c"], [b"EXEC"]]
+    s.from_upstream(OK + QUEUED + b"*1\r\n" + conf(b"subscribe", b"b", 1))
+    assert s.take_upstream() == b""  # one more confirmation of EXEC's to come
+    s.from_upstream(conf(b"subscribe", b"c", 2))
+    assert s.take_upstream() == cmd("PING")
+    msg = arr(bulk(b"message"), bulk(b"b"), bulk(b"hi"))
+    s.from_upstream(msg + RESP2_PONG)
+    assert s.take_client() == (
+        OK + QUEUED + b"*1\r\n" + conf(b"subscribe", b"b", 1) + conf(b"subscribe", b"c", 2) + msg + RESP2_PONG
+    )
+    assert s.pending == 0
+    assert s.subscribed
+
+
+def test_subscribe_ping_unsubscribe_queued_in_multi_resp2() -> None:
+    s = open_session()
+    s.from_client(cmd("MULTI") + cmd("SUBSCRIBE", "b", "c") + cmd("PING") + cmd("UNSUBSCRIBE") + cmd("EXEC"))
+    s.from_client(cmd("PING") + cmd("AUTH", "default", "x"))
+    replies = (
+        OK + QUEUED + QUEUED + QUEUED + b"*3\r\n" + conf(b"subscribe", b"b", 1) + conf(b"subscribe", b"c", 2)
+        + RESP2_PONG + conf(b"unsubscribe", b"b", 1) + conf(b"unsubscribe", b"c", 0)
+    )  # fmt: skip
+    s.from_upstream(replies)
+    assert requests_in(s.take_upstream())[-1] == [b"PING"]
+    s.from_upstream(PONG)
+    assert s.take_client() == replies + PONG + OK  # not subscribed any more: AUTH is not refused
+    assert s.pending == 0
+    assert not s.subscribed
+
+
+def test_subscribe_queued_in_multi_not_run_when_a_watched_key_changed() -> None:
+    s = open_session()
+    s.from_client(cmd("WATCH", "k") + cmd("MULTI") + cmd("SUBSCRIBE", "b") + cmd("EXEC") + cmd("UNSUBSCRIBE"))
+    s.from_upstream(OK + OK + QUEUED + b"*-1\r\n")
+    assert requests_in(s.take_upstream())[-1] == [b"UNSUBSCRIBE"]
+    assert not s.subscribed
+    s.from_upstream(conf(b"unsubscribe", None, 0))  # one confirmation: nothing was subscribed
+    assert s.take_client() == OK + OK + QUEUED + b"*-1\r\n" + conf(b"unsubscribe", None, 0)
+    assert s.pending == 0
+
+
+def test_subscribe_queued_in_multi_not_run_after_a_queuing_error() -> None:
+    s = open_session()
+    s.from_client(cmd("MULTI") + cmd("SUBSCRIBE", "b") + cmd("NOSUCH") + cmd("EXEC") + cmd("PING"))
+    unknown = err("ERR unknown command 'NOSUCH', with args beginning with: ")
+    execabort = err("EXECABORT Transaction discarded because of previous errors.")
+    s.from_upstream(OK + QUEUED + unknown + execabort)
+    assert requests_in(s.take_upstream())[-1] == [b"PING"]
+    s.from_upstream(PONG)
+    assert s.take_client() == OK + QUEUED + unknown + execabort + PONG
+    assert s.pending == 0 and not s.subscribed
+
+
+def test_ssubscribe_queued_in_multi_is_one_error_reply() -> None:
+    s = open_session()
+    s.from_client(cmd("MULTI") + cmd("SSUBSCRIBE", "a", "b") + cmd("EXEC") + cmd("PING"))
+    assert requests_in(s.take_upstream())[-1] == [b"PING"]  # nothing to wait for
+    refused = err("ERR SSUBSCRIBE isn't allowed for a DENY BLOCKING client")
+    s.from_upstream(OK + QUEUED + arr(refused) + PONG)
+    assert s.take_client() == OK + QUEUED + arr(refused) + PONG
+    assert s.pending == 0 and not s.subscribed
+
+
+def test_subscribe_queued_in_multi_resp3() -> None:
+    s = resp3_session()
+    s.from_client(cmd("MULTI") + cmd("SUBSCRIBE", "b", "c") + cmd("PING") + cmd("EXEC") + cmd("AUTH", "default", "x"))
+    replies = OK + QUEUED + QUEUED + b"*2\r\n" + pconf(b"subscribe", b"b", 1) + pconf(b"subscribe", b"c", 2) + PONG
+    s.from_upstream(replies)
+    assert s.take_client() == replies + OK  # AUTH's reply after EXEC's last frame, the PONG past its array
+    assert s.pending == 0 and s.subscribed
+
+
+def test_subscribe_queued_in_multi_with_replies_off_is_refused() -> None:
+    s = open_session()
+    s.from_client(cmd("CLIENT", "REPLY", "OFF") + cmd("MULTI") + cmd("SUBSCRIBE", "b") + cmd("EXEC"))
+    s.from_client(cmd("CLIENT", "REPLY", "ON") + cmd("PING"))
+    up = requests_in(s.take_upstream())
+    assert [b"SUBSCRIBE", b"b"] not in up and [b"DISCARD"] in up
+    s.from_upstream(OK + PONG)
+    assert s.take_client() == OK + PONG
+    assert s.pending == 0 and not s.subscribed
+
+
+def test_pops_around_a_subscribe_in_multi_are_put_back_for_a_gone_client() -> None:
+    s = open_session()
+    s.from_client(cmd("MULTI") + cmd("RPOP", "q") + cmd("SUBSCRIBE", "b", "c") + cmd("LPOP", "r") + cmd("EXEC"))
+    s.from_upstream(OK + QUEUED + QUEUED + QUEUED)
+    assert s.client_gone()
+    # EXEC's array holds RPOP's element and the first confirmation; the second confirmation and LPOP's come after.
+    s.from_upstream(b"*3\r\n" + bulk(b"m1") + conf(b"subscribe", b"b", 1) + conf(b"subscribe", b"c", 2) + bulk(b"m2"))
+    assert s.pending == 0
+    assert sorted(s.take_requeues()) == sorted([[b"RPUSH", b"q", b"m1"], [b"LPUSH", b"r", b"m2"]])
+
+
+def test_pop_after_a_subscribe_in_multi_delivered_is_tracked() -> None:
+    s = open_session()
+    s.from_client(cmd("MULTI") + cmd("SUBSCRIBE", "b", "c") + cmd("RPOP", "q") + cmd("EXEC"))
+    replies = OK + QUEUED + QUEUED + b"*2\r\n" + conf(b"subscribe", b"b", 1) + conf(b"subscribe", b"c", 2) + bulk(b"m")
+    s.from_upstream(replies)
+    assert s.take_client() == replies
+    assert s.tracking_pops
+    assert s.undelivered(len(bulk(b"m"))) == [[b"RPUSH", b"q", b"m"]]
+
+
+def test_client_gone_between_exec_frames_still_puts_back_the_pop_after_them() -> None:
+    observer = Observer()
+    s = open_session(observer=observer)
+    s.from_client(cmd("MULTI") + cmd("SUBSCRIBE", "b", "c") + cmd("RPOP", "q") + cmd("EXEC"))
+    s.from_upstream(OK + QUEUED + QUEUED + b"*2\r\n" + conf(b"subscribe", b"b", 1) + conf(b"subscribe", b"c", 2))
+    assert s.client_gone()  # RPOP's reply is still to come, past EXEC's array
+    s.from_upstream(bulk(b"m"))
+    assert s.pending == 0
+    assert s.take_requeues() == [[b"RPUSH", b"q", b"m"]]
+    assert observer.commands.get(("exec", "ok")) == 1  # once, not once more per frame past its array
