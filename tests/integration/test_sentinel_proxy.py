@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.conftest import ProxyProcess, RedisServer, free_port, wait_for_port
+from tests.conftest import ABANDONED_CLIENT_SOCKETS, ProxyProcess, RedisServer, free_port, wait_for_port
 from tests.integration.sentinel_cluster import MASTER_NAME, SentinelCluster
 
 StartProxy = Callable[..., ProxyProcess]
@@ -149,6 +149,7 @@ def test_sentinels_unreachable_at_start_is_a_clear_start_error(start_proxy: Star
     assert "cannot find the master" in proxy.logs()
 
 
+@pytest.mark.filterwarnings(ABANDONED_CLIENT_SOCKETS)
 def test_celery_through_a_failover_and_a_killed_master(cluster: SentinelCluster, tmp_path: Path) -> None:
     """A worker and a producer through the proxy while the master is failed over, then killed: every task whose
     apply_async returned runs, the worker never dies, and /readyz shows the gap and recovers."""

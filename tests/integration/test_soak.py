@@ -36,7 +36,7 @@ import pytest
 import redis
 
 from brokerproxy import resp
-from tests.conftest import ProxyProcess, RedisServer, free_port
+from tests.conftest import ABANDONED_CLIENT_SOCKETS, ProxyProcess, RedisServer, free_port
 from tests.integration.test_celery_e2e import RESULT_DB, Stack
 from tests.integration.test_faults import (
     HALF_FRAMES,
@@ -452,6 +452,8 @@ def write_report(prefix: str, figures: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ the soak
 
 
+
+@pytest.mark.filterwarnings(ABANDONED_CLIENT_SOCKETS)
 def test_soak(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     minutes = float(request.config.getoption("--soak-minutes", DEFAULT_MINUTES))
     report = request.config.getoption("--soak-report", None) or os.environ.get("SOAK_REPORT")
