@@ -150,6 +150,7 @@ _FORWARD = 0  # reply from Redis goes to the client
 _LOCAL = 1  # reply already known
 _SWALLOW = 2  # reply from Redis to the proxy's own handshake: dropped, an error fails the connection
 _REPLACE = 3  # reply from Redis dropped, a local reply sent instead (EXEC turned into DISCARD)
+_TRAILING = 4  # frames of a reply past its end: EXEC's, after its array (see Session._exec_reply)
 
 
 class _Slot:
@@ -394,9 +395,6 @@ class Session:
             return
         if self._fast_requests(data):
             return
-        self._exact_requests(data)
-
-    def _exact_requests(self, data: bytes) -> None:
         parser = self._requests
         try:
             parser.feed(data)
@@ -508,7 +506,11 @@ class Session:
         handler = _HANDLERS.get(name)
         if handler is None:
             self._forward(req)
-        elif self.protocol == 2 and name not in SUBSCRIBED_MODE_ALLOWED and self.subscribed:
+        elif (
+            self.protocol == 2
+            and (self._channels or self._patterns or self._shard)
+            and name not in SUBSCRIBED_MODE_ALLOWED
+        ):
             self._refused_in_pubsub(req)
         else:
             handler(self, req)
@@ -916,7 +918,7 @@ class Session:
         if self._released:
             self._released = False
             if not self._closing and not self._gone:
-                self._exact_requests(b"")  # the requests that waited for EXEC's reply
+                self.from_client(b"")  # the requests that waited for EXEC's reply
 
     def _fast_replies(self, data: bytes) -> bool:
         """The common case: a read holding only whole replies to ordinary requests is written as it arrived.
@@ -1022,19 +1024,16 @@ class Session:
         ) and not (  # a RESP3 (un)subscribe confirmation, owed to the slot at the head
             kind == resp.PUSH and slots and slots[0].hook in _CONFIRMED and raw.startswith(_PUSH_CONFIRMATIONS)
         ):
-            if not self._gone:
+            # Not after the last reply of a closing connection (QUIT's +OK, the protocol error): Redis sends
+            # nothing after those.
+            if not self._gone and not (self._closing and not slots):
                 out += raw
             return
         if not slots:
             raise ProtocolError("reply from upstream with no request waiting for it")
         slot = slots[0]
         observer = self._observer
-        if (
-            observer is not None
-            and slot.kind == _FORWARD
-            and (slot.expected == 1 or raw[:1] == b"-")
-            and slot.hook != "exec-rest"  # EXEC was counted on its array
-        ):
+        if observer is not None and slot.kind == _FORWARD and (slot.expected == 1 or raw[:1] == b"-"):
             # Once per command: on its last (or only) reply frame, or its error.
             observer.command(slot.name, "error" if raw[:1] in (b"-", b"!") else "ok")
         if slot.kind == _FORWARD and not slot.hook:
@@ -1153,7 +1152,8 @@ class Session:
         self._deliver(slot, raw)
         rest = sum(n for _, n in extra)
         if rest > 0:
-            slot.hook, slot.expected = "exec-rest", rest
+            # Not _FORWARD any more: EXEC has been counted (observer), on its array.
+            slot.kind, slot.hook, slot.expected = _TRAILING, "exec-rest", rest
             self._exec_trailing, self._exec_seen = trailing, 0
         else:
             self._slots.popleft()

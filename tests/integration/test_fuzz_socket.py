@@ -112,7 +112,7 @@ KNOWN_FAST_PATH_NON_BULK = False  # fixed: the fast path takes only bulk-string 
 # Redis refuses in subscribed mode (test_subscribe_and_multi); and for a CLIENT REPLY queued in MULTI
 # (test_client_reply_inside_multi). Until fixed, that error in a connection that sent SUBSCRIBE or CLIENT REPLY is
 # counted as known (so the fuzzer cannot see a new desync in such a connection meanwhile).
-KNOWN_REPLY_COUNT_DESYNC = True
+KNOWN_REPLY_COUNT_DESYNC = False  # fixed: each of those four cases counts its replies as Redis sends them
 
 # Known bug, tested on its own in test_pop_inside_multi_for_a_gone_client (xfail): for a client gone with a pop
 # queued in MULTI, the proxy takes Redis's +QUEUED for the pop's reply: RPOP/LPOP push the string "QUEUED" into the
@@ -139,7 +139,7 @@ KNOWN_PUSH_ORDER_BUG = False  # fixed: (un)subscribe slots wait for their push c
 # Known deviation (no test of its own: a race): between its protocol error reply and the close, the proxy still
 # forwards pub/sub traffic that Redis sends meanwhile (a message in the same upstream read as the reply owed before
 # the error); Redis sends nothing after "-ERR Protocol error". Counted as known while on.
-KNOWN_PUBSUB_AFTER_ERROR = True
+KNOWN_PUBSUB_AFTER_ERROR = False  # fixed: nothing is forwarded after a closing connection's last reply
 _HUGE_AGGREGATE = re.compile(rb"([*~>|])(\d{7,})\r")
 
 

@@ -403,3 +403,24 @@ def test_client_gone_between_exec_frames_still_puts_back_the_pop_after_them() ->
     assert s.pending == 0
     assert s.take_requeues() == [[b"RPUSH", b"q", b"m"]]
     assert observer.commands.get(("exec", "ok")) == 1  # once, not once more per frame past its array
+
+
+# ------------------------------------------------------------------------------------------- after the last reply
+
+
+def test_no_pubsub_traffic_after_the_protocol_error() -> None:
+    s = resp2_subscribed()
+    s.from_client(cmd("PING") + b"*1\r\n:1\r\n")
+    msg = arr(bulk(b"message"), bulk(b"a"), bulk(b"hi"))
+    s.from_upstream(msg + RESP2_PONG + msg)  # the second message came after the reply owed before the error
+    assert s.take_client() == msg + RESP2_PONG + err("ERR Protocol error: expected '$', got ':'")
+    s.from_upstream(msg)
+    assert s.take_client() == b""
+
+
+def test_no_push_after_quit() -> None:
+    s = resp3_session()
+    s.from_client(cmd("SUBSCRIBE", "a") + cmd("QUIT"))
+    msg = push(bulk(b"message"), bulk(b"a"), bulk(b"hi"))
+    s.from_upstream(pconf(b"subscribe", b"a", 1) + msg)
+    assert s.take_client() == pconf(b"subscribe", b"a", 1) + OK
