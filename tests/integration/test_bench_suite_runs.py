@@ -175,3 +175,34 @@ def test_tls(suite: tuple[Path, Any]) -> None:
     assert re.search(r"^\| brokerproxy TLS ÷ Redis TLS \| \*\*\d+\.\d\d\*\*", md, re.M)
     assert re.search(r"^\| PING \| brokerproxy TLS - Redis TLS \| \*\*[+-][\d.]+\*\*", md, re.M)
     assert "## Round-trip latency" in md and "## Commands" in md
+
+
+def test_cpu_profile(suite: tuple[Path, Any]) -> None:
+    """CPU per request of every process on every path, brokerproxy's split by component (or why a profiler could not
+    run), and the bound the figures put on the ratio. Nothing is compared with anything."""
+    md, data = report(suite[0], "cpu_profile")
+    for pipeline in ("1", "16"):
+        paths = data["summary"][pipeline]
+        assert {"direct", "proxy", "plain", "relay"} <= set(paths), paths.keys()
+        for target, e in paths.items():
+            assert positive(e["rps"]["median"]), (pipeline, target)
+            procs = ("redis", "bench") if target == "direct" else ("relay", "redis", "bench")
+            for proc in procs:
+                assert math.isfinite(e[proc]["total_us"]) and e[proc]["total_us"] >= 0, (pipeline, target, proc)
+            if target != "direct":
+                assert positive(e["ratio"]["paired_median"]), (pipeline, target)
+        b = data["breakdown"][pipeline]
+        assert positive(b["total_us"])
+        assert b["rows"] and all(math.isfinite(v) and v >= 0 for v in b["rows"].values())
+        for kind in ("python", "native", "perf"):
+            prof = data["profiles"][pipeline][kind]
+            assert (prof.get("ok") and prof["samples"] > 0) or prof["why"], (pipeline, kind, prof)
+        m = data["model"][pipeline]
+        assert positive(m["budget_us"]) or math.isfinite(m["budget_us"])
+        assert positive(m["paths"]["proxy"]["best_ratio"]) and positive(m["paths"]["relay"]["model_ratio"])
+        assert positive(data["headline"][pipeline]["proxy_us"])
+    for heading in ("## CPU per request", "## Where brokerproxy's CPU goes", "## What bounds the ratio",
+                    "**-P 1: the cost.**", "**-P 16: the bound.**", "**What would close the gap**"):
+        assert heading in md, heading
+    summary = (suite[0] / "SUMMARY.md").read_text()
+    assert "## Where the CPU goes" in summary and "## redis-benchmark end to end, ACLs and metrics on" in summary
