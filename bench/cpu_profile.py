@@ -266,6 +266,14 @@ def proc_cpu(pid: int) -> tuple[float, float, int, int]:
             switches.get("nonvoluntary_ctxt_switches", 0))
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (/proc/stat: everything but idle and iowait), all CPUs."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / TICKS
+
+
 def load_command(binary: str, port: int, pipeline: int, requests: int) -> list[str]:
     return [
         binary, "-h", "127.0.0.1", "-p", str(port), "-c", str(CLIENTS), "-n", str(requests), "-d", str(SIZE),
@@ -335,12 +343,14 @@ def run_load(cmd: Sequence[str], pids: dict[str, int]) -> dict[str, Any]:
     """One redis-benchmark run, and the CPU each process in ``pids`` and redis-benchmark itself used during it."""
     before = {name: proc_cpu(pid) for name, pid in pids.items()}
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0 = machine_busy()
     t0 = time.monotonic()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         raise BenchError(f"redis-benchmark did not finish in {RUN_TIMEOUT_S}s: {shlex.join(cmd)}") from None
     wall = time.monotonic() - t0
+    busy1 = machine_busy()
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     after = {name: proc_cpu(pid) for name, pid in pids.items()}
     if done.returncode != 0:
@@ -349,7 +359,9 @@ def run_load(cmd: Sequence[str], pids: dict[str, int]) -> dict[str, Any]:
                   "voluntary_switches": after[name][2] - before[name][2],
                   "involuntary_switches": after[name][3] - before[name][3]} for name in pids}  # fmt: skip
     cpu["bench"] = {"user_s": ru1.ru_utime - ru0.ru_utime, "sys_s": ru1.ru_stime - ru0.ru_stime}
-    return {"rps": parse_rps(done.stdout), "wall_s": wall, "cpu": cpu}
+    ours = sum(v["user_s"] + v["sys_s"] for v in cpu.values())
+    return {"rps": parse_rps(done.stdout), "wall_s": wall, "cpu": cpu,
+            "others_cores": max(busy1 - busy0 - ours, 0.0) / wall if wall else 0.0}  # fmt: skip
 
 
 def overall_rps(rps: dict[str, float], per_test: int) -> float:
@@ -764,6 +776,7 @@ def summarize(runs: list[dict[str, Any]], targets: Sequence[str]) -> dict[str, A
             entry["cores_busy"] = statistics.median(
                 sum(v["user_s"] + v["sys_s"] for v in r["cpu"].values()) / r["wall_s"] for r in rows
             )
+            entry["others_cores"] = statistics.median(r.get("others_cores", 0.0) for r in rows)
             if t != "direct":
                 entry["ratio"] = _paired_over(by_repeat, "direct", t)
             if t == "proxy" and "plain" in targets:
@@ -778,7 +791,12 @@ def breakdown_for(proxy: dict[str, Any], prof: dict[str, Any]) -> dict[str, Any]
     user part (utime) as py-spy --native's non-syscall samples are. Without perf, the kernel part is split as
     py-spy --native's system-call samples are; without py-spy --native, the Python-only profile splits the total."""
     cpu = proxy["relay"]
-    user_us, sys_us = cpu["user_us"], cpu["sys_us"]
+    # The median total, split as the medians of user and kernel time are (so that every table adds up the same).
+    total = cpu["total_us"]
+    both = cpu["user_us"] + cpu["sys_us"]
+    user_us = total * cpu["user_us"] / both if both else 0.0
+    sys_us = total - user_us
+    kernel_us = sys_us
     rows: dict[str, float] = {}
     sources: dict[str, str] = {}
     native, perf, python = prof.get("native", {}), prof.get("perf", {}), prof.get("python", {})
@@ -821,7 +839,6 @@ def breakdown_for(proxy: dict[str, Any], prof: dict[str, Any]) -> dict[str, Any]
         for f in native["functions"]:
             if not f["component"].startswith("kernel:") and user_n:
                 functions.append({**f, "us": user_us * f["samples"] / user_n})
-    total = user_us + cpu["sys_us"]
     groups = {
         "kernel": sum(rows.get(c, 0.0) for c in (*KERNEL_COMPONENTS, "kernel (not split)")),
         "uvloop": rows.get("uvloop", 0.0),
@@ -829,22 +846,27 @@ def breakdown_for(proxy: dict[str, Any], prof: dict[str, Any]) -> dict[str, Any]
         "python_dispatch": sum(rows.get(c, 0.0) for c in PYTHON_DISPATCH),
         "acl_observe": rows.get("acl", 0.0) + rows.get("observe", 0.0),
     }
-    return {"total_us": total, "user_us": user_us, "sys_us": cpu["sys_us"], "rows": rows, "groups": groups,
+    return {"total_us": total, "user_us": user_us, "sys_us": kernel_us, "rows": rows, "groups": groups,
             "sources": sources, "functions": functions[:25]}  # fmt: skip
 
 
 def model_rate(r: float, b: float, p: float, cores: int) -> float:
     """Requests per µs that three single-threaded processes costing r, b, p µs of CPU per request can do on
     ``cores`` cores: bounded by the cores' total and by the busiest process's own core."""
-    return min(cores / (r + b + p), 1 / max(r, b, p))
+    tiny = 1e-3  # a --quick run can see no CPU tick at all
+    return min(cores / max(r + b + p, tiny), 1 / max(r, b, p, tiny))
 
 
 def model_for(summary: dict[str, Any], targets: Sequence[str], cores: int, target_ratio: float) -> dict[str, Any]:
     d = summary["direct"]
     r_d, b_d = d["redis"]["total_us"], d["bench"]["total_us"]
     direct_rate = model_rate(r_d, b_d, 0.0, cores)
-    out: dict[str, Any] = {"cores": cores, "target_ratio": target_ratio, "direct_model_rps": direct_rate * 1e6,
-                           "direct_measured_rps": d["rps"]["median"], "paths": {}}  # fmt: skip
+    # What other work on the machine left to the paths during this run (median over the paths' runs).
+    left = max(cores - statistics.median(e["others_cores"] for e in summary.values()), 0.25)
+    direct_left = model_rate(r_d, b_d, 0.0, left)
+    out: dict[str, Any] = {"cores": cores, "cores_left": left, "target_ratio": target_ratio,
+                           "direct_model_rps": direct_rate * 1e6, "direct_measured_rps": d["rps"]["median"],
+                           "paths": {}}  # fmt: skip
     for t in targets:
         if t == "direct":
             continue
@@ -853,12 +875,13 @@ def model_for(summary: dict[str, Any], targets: Sequence[str], cores: int, targe
         out["paths"][t] = {
             "proxy_us": p,
             "model_ratio": model_rate(r, b, p, cores) / direct_rate,
+            "model_ratio_cores_left": model_rate(r, b, p, left) / direct_left,
             "measured_ratio": e["ratio"]["paired_median"],
             "best_ratio": model_rate(r_d, b_d, p, cores) / direct_rate,
-            "own_core_rps": 1e6 / p,
-            "spare_cores_ratio": max(r_d, b_d) / max(r, b),
+            "own_core_rps": 1e6 / max(p, 1e-3),
+            "spare_cores_ratio": max(r_d, b_d) / max(r, b, 1e-3),
             # As many workers as needed, the same cores: the relay's own core no longer bounds it, the cores do.
-            "workers_ratio": min(cores / (r + b + p), 1 / max(r, b)) / direct_rate,
+            "workers_ratio": min(cores / max(r + b + p, 1e-3), 1 / max(r, b, 1e-3)) / direct_rate,
         }
     # The kernel floor: a relay costing only the kernel time of the cheapest relay with one upstream connection per
     # client (the bare relay, HAProxy), i.e. no user-space work at all.
@@ -917,7 +940,7 @@ def cpu_table(summary: dict[str, Any], targets: Sequence[str]) -> str:
     lines = [
         "| -P | path | rps | ratio to direct | relay µs (user + kernel) | Redis µs (user + kernel) "
         "| redis-benchmark µs | total µs | relay system calls | relay sleeps | relay preempted | Redis system calls "
-        "| cores busy |",
+        "| cores busy: the path / other work |",
         "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in PIPELINES:
@@ -938,7 +961,8 @@ def cpu_table(summary: dict[str, Any], targets: Sequence[str]) -> str:
                 f"| {dash or _us(relay.get('syscalls_per_request'), 2)} "
                 f"| {dash or _us(relay.get('voluntary_switches_per_request'), 2)} "
                 f"| {dash or _us(relay.get('involuntary_switches_per_request'), 2)} "
-                f"| {_us(e['redis'].get('syscalls_per_request'), 2)} | {e['cores_busy']:.2f} |"
+                f"| {_us(e['redis'].get('syscalls_per_request'), 2)} | {e['cores_busy']:.2f} / "
+                f"{e['others_cores']:.2f} |"
             )
     return "\n".join(lines)
 
@@ -956,7 +980,7 @@ def breakdown_table(breakdown: dict[str, Any]) -> str:
         label = COMPONENTS.get(k, k)
         sub = k in ("kernel: waking the peer", "kernel: copying bytes")
         if sub:
-            label = "  of the kernel time: " + k.split(": ", 1)[1]
+            label = "of the kernel time: " + k.split(": ", 1)[1]
         cells = []
         for p in PIPELINES:
             b = breakdown[str(p)]
@@ -1027,9 +1051,9 @@ def perf_table(profiles: dict[str, Any]) -> str:
 
 def bound_table(model: dict[str, Any], targets: Sequence[str]) -> str:
     lines = [
-        "| -P | path | relay µs/request | its own core: rps at most | model ratio | measured ratio "
-        "| best ratio (Redis, redis-benchmark at direct cost) | with spare cores |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| -P | path | relay µs/request | its own core: rps at most | model ratio | model ratio, the cores other work "
+        "left | measured ratio | best ratio (Redis, redis-benchmark at direct cost) | with spare cores |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in PIPELINES:
         m = model[str(p)]
@@ -1038,12 +1062,12 @@ def bound_table(model: dict[str, Any], targets: Sequence[str]) -> str:
             if x is None:
                 continue
             lines.append(f"| {p} | {NAMES[t]} | {x['proxy_us']:.1f} | {x['own_core_rps']:,.0f} "
-                         f"| {x['model_ratio']:.2f} | {_us(x['measured_ratio'], 2)} | {x['best_ratio']:.2f} "
-                         f"| {x['spare_cores_ratio']:.2f} |")
+                         f"| {x['model_ratio']:.2f} | {x['model_ratio_cores_left']:.2f} (N = {m['cores_left']:.1f}) "
+                         f"| {_us(x['measured_ratio'], 2)} | {x['best_ratio']:.2f} | {x['spare_cores_ratio']:.2f} |")
         if "kernel_floor_us" in m:
             lines.append(f"| {p} | *kernel floor: only the cheapest relay's kernel time* | {m['kernel_floor_us']:.1f} "
-                         f"| {1e6 / m['kernel_floor_us']:,.0f} | | | {m['kernel_floor_ratio']:.2f} | |")
-        lines.append(f"| {p} | *what issue 6's {m['target_ratio']} needs* | ≤ {m['budget_us']:.1f} | | | "
+                         f"| {1e6 / max(m['kernel_floor_us'], 1e-3):,.0f} | | | | {m['kernel_floor_ratio']:.2f} | |")
+        lines.append(f"| {p} | *what issue 6's {m['target_ratio']} needs* | ≤ {m['budget_us']:.1f} | | | | "
                      f"| {m['target_ratio']} | |")
     return "\n".join(lines)
 
@@ -1094,8 +1118,10 @@ def explanation(body: dict[str, Any]) -> str:
             "",
             f"**-P {p}: the bound.** brokerproxy's own core relays at most "
             f"{m['paths']['proxy']['own_core_rps']:,.0f} requests/s. On {m['cores']} cores shared by the three "
-            f"processes, the model puts brokerproxy at {m['paths']['proxy']['model_ratio']:.2f} of direct (measured "
-            f"{_us(m['paths']['proxy']['measured_ratio'], 2)}), and at {m['paths']['proxy']['best_ratio']:.2f} even "
+            f"processes, the model puts brokerproxy at {m['paths']['proxy']['model_ratio']:.2f} of direct; with the "
+            f"{m['cores_left']:.1f} cores other work left during this run, at "
+            f"{m['paths']['proxy']['model_ratio_cores_left']:.2f} (measured "
+            f"{_us(m['paths']['proxy']['measured_ratio'], 2)}); and at {m['paths']['proxy']['best_ratio']:.2f} even "
             f"if Redis and redis-benchmark were as cheap per request as direct. Issue 6's {m['target_ratio']} needs "
             f"the relay at **≤ {m['budget_us']:.1f} µs per request** in all"
             + (f". The kernel part of relaying with one upstream connection per client is {floor:.1f} µs (the "
@@ -1246,8 +1272,8 @@ Profilers, attached to the brokerproxy with `--config {ACL_METRICS.relative_to(R
 
 µs of CPU per request (user + kernel), medians over repeats. "sleeps" and "preempted" are the relay's voluntary and
 involuntary context switches per request (`/proc/<pid>/status`); system calls per request are `perf stat` counts
-(n/a without perf). "cores busy" is the three processes' CPU ÷ the run's wall time: below {cfg["usable_cpus"]}, the
-rest went to other work on the machine or to nobody (a path waiting on wake-ups).
+(n/a without perf). "cores busy" is the three processes' CPU ÷ the run's wall time, then the rest of the machine's
+busy time (`/proc/stat`) in the same run: other work on the shared machine (the profilers are not running then).
 
 {cpu_table(body["summary"], targets)}
 
@@ -1287,7 +1313,8 @@ frame):
 
 Each of redis-server, redis-benchmark and the relay is one thread. With r, b, p their µs of CPU per request, a
 path can do at most min(N ÷ (r + b + p), 1 ÷ max(r, b, p)) requests per µs on N cores; "model ratio" is that for the
-path ÷ that for direct Redis (p = 0) with this run's figures, next to the measured ratio. "best ratio" keeps r and b
+path ÷ that for direct Redis (p = 0) with this run's figures, with N = {body["config"]["usable_cpus"]} and with N = the
+cores other work on the machine left during the runs, next to the measured ratio. "best ratio" keeps r and b
 at their direct values (a relay that made Redis and the load generator no less efficient); "with spare cores" drops
 the N-core budget and the relay's own core (enough cores, enough `--workers`): Redis's or redis-benchmark's thread is
 then the limit.
