@@ -8,8 +8,9 @@ does IO.
 
 Replies go back in request order. Every request that gets a reply pushes one *slot* onto a FIFO:
 
-* a forwarded request's slot waits for ``expected`` frames from Redis (one, or one per channel for a RESP2
-  ``SUBSCRIBE a b``);
+* a forwarded request's slot waits for ``expected`` frames from Redis (one, or one confirmation per channel for an
+  ``(UN)SUBSCRIBE a b``: RESP2 arrays, or RESP3 push frames, which Redis also sends before anything it answers
+  later, and even with CLIENT REPLY OFF);
 * a request the proxy answers itself (``AUTH``, ``QUIT``, a refusal) gets a slot that already holds its reply;
 * the proxy's own upstream handshake (``AUTH``, ``SELECT`` with the upstream credentials) gets *swallow* slots, whose
   replies the client never sees.
@@ -17,11 +18,15 @@ Replies go back in request order. Every request that gets a reply pushes one *sl
 Local slots can only wait behind forwarded ones: whenever the head of the FIFO holds a finished reply it is written
 at once. So the head, if any, is always waiting for Redis, and the next frame from Redis belongs to it.
 
-Frames that are not replies consume no slot: RESP3 push frames (``>``), RESP2 pub/sub messages (arrays starting
-with ``message``/``pmessage``/``smessage`` while subscribed), and everything after ``MONITOR``.
+Frames that are not replies consume no slot: RESP3 push frames (``>``) other than those confirmations, RESP2
+pub/sub messages (arrays starting with ``message``/``pmessage``/``smessage`` while subscribed), and everything after
+``MONITOR``. Nothing is written after a closing connection's last reply (its protocol error, QUIT's ``+OK``).
 
 State mirrored from the connection, in the order Redis sees commands: the authenticated user, the RESP version
-(``HELLO``), ``MULTI``, the subscriptions (to count RESP2 confirmations), ``CLIENT REPLY``, ``RESET``.
+(``HELLO``), ``MULTI``, the subscriptions (to count confirmations), ``CLIENT REPLY``, ``RESET``. A command Redis
+refuses in RESP2 subscribed mode changes none of it. One case cannot be told in advance: an ``EXEC`` whose
+transaction queued (un)subscriptions sends their confirmations past the end of its array, and only if it ran; the
+requests after it wait, unparsed, for its reply.
 
 Two fast paths come first. A read of whole, ordinary requests (no command the proxy must look at, the
 connection in no special state, every request allowed by the ACL) is counted by hiredis and forwarded exactly as it
@@ -199,7 +204,8 @@ _PUSH_CONFIRMATIONS = tuple(
     b">3\r\n$%d\r\n%s\r\n" % (len(k), k)
     for k in (b"subscribe", b"unsubscribe", b"psubscribe", b"punsubscribe", b"ssubscribe", b"sunsubscribe")
 )
-#: Hooks of slots that RESP3 (un)subscribe confirmations (push frames) belong to.
+#: Hooks of slots that RESP3 (un)subscribe confirmations (push frames) belong to: an (un)subscribe's, and EXEC's
+#: past the end of its array.
 _CONFIRMED = ("subscribe", "exec-rest")
 #: A request's arguments are all bulk strings; hiredis would also hand back integers, arrays, nulls, errors...
 _BYTES_ONLY = frozenset({bytes})
@@ -724,9 +730,7 @@ class Session:
         if not self._in_multi:
             self._in_multi = True
             self._multi_dirty = False
-            self._multi_pops, self._multi_queued = [], 0
-            if self._multi_subs:
-                self._multi_subs = []
+            self._multi_pops, self._multi_queued = [], 0  # (_multi_subs is empty outside MULTI)
         self._forward(req)
 
     def _cmd_exec(self, req: resp.Request) -> None:
@@ -737,10 +741,12 @@ class Session:
                 self._reply_skip = False  # Redis answers the DISCARD with nothing, and the client expects nothing
             else:
                 self._slots.append(_Slot(_REPLACE, data=resp.error(EXECABORT)))
+            if self._multi_subs:
+                self._multi_subs = []
         else:
             pops = self._multi_pops if self._in_multi else []
             slots = len(self._slots)
-            if self._in_multi and self._multi_subs:
+            if self._multi_subs:  # only ever filled inside MULTI
                 self._forward(req, hook="exec")
                 self._slots[-1].queued = pops  # where their replies are is known at EXEC's reply (_exec_reply)
                 self._exec_subs, self._exec_pops = self._multi_subs, pops
@@ -749,14 +755,12 @@ class Session:
                 self._fast_reader = None  # the fast path declines while requests are held
             else:
                 self._forward(req)
-            if pops and len(self._slots) > slots and not self._hold:
-                # Its reply carries what the queued pops took: read it (not a plain slot) if the client is gone.
-                slot = self._slots[-1] = _Slot(_FORWARD, request=req)
-                slot.queued = pops
+                if pops and len(self._slots) > slots:
+                    # Its reply carries what the queued pops took: read it (not a plain slot) if the client is gone.
+                    slot = self._slots[-1] = _Slot(_FORWARD, request=req)
+                    slot.queued = pops
         self._in_multi = self._multi_dirty = False
         self._multi_pops, self._multi_queued = [], 0
-        if self._multi_subs:
-            self._multi_subs = []
         self._watching = False
 
     def _cmd_discard(self, req: resp.Request) -> None:
@@ -1014,16 +1018,30 @@ class Session:
         """One upstream frame, off the hot path."""
         out = self._out_client
         slots = self._slots
-        if self._swallow_pushes and kind == resp.PUSH and raw.startswith(_CONFIRMATIONS):
-            self._swallow_pushes -= 1  # a re-subscription's confirmation (reattach): the client has seen its own
-            return
-        if (
-            kind == resp.PUSH
-            or self._monitor
-            or ((self._subscribed_seen or self._shard_seen) and raw.startswith(_MESSAGE_PREFIXES))
-        ) and not (  # a RESP3 (un)subscribe confirmation, owed to the slot at the head
-            kind == resp.PUSH and slots and slots[0].hook in _CONFIRMED and raw.startswith(_PUSH_CONFIRMATIONS)
-        ):
+        if kind == resp.PUSH:
+            if self._swallow_pushes and raw.startswith(_CONFIRMATIONS):
+                self._swallow_pushes -= 1  # a re-subscription's confirmation (reattach): the client saw its own
+                return
+            if not (
+                slots and slots[0].hook in _CONFIRMED and not self._monitor and raw.startswith(_PUSH_CONFIRMATIONS)
+            ):
+                if not self._gone and not (self._closing and not slots):
+                    out += raw
+                return
+            slot = slots[0]
+            if slot.hook == "subscribe":  # a RESP3 (un)subscribe's confirmation: counted, kept short (Celery's)
+                if slot.expected == 1 and self._observer is not None:
+                    self._observer.command(slot.name, "ok")
+                slot.expected -= 1
+                if not self._gone:
+                    out += raw
+                if slot.expected <= 0:
+                    slots.popleft()
+                    if slots and slots[0].kind == _LOCAL:
+                        self._flush_local()
+                return
+            # Past the end of EXEC's array: EXEC's, below.
+        elif self._monitor or ((self._subscribed_seen or self._shard_seen) and raw.startswith(_MESSAGE_PREFIXES)):
             # Not after the last reply of a closing connection (QUIT's +OK, the protocol error): Redis sends
             # nothing after those.
             if not self._gone and not (self._closing and not slots):
@@ -1081,9 +1099,8 @@ class Session:
             if slot.expected <= 0 or is_error:
                 self._slots.popleft()
             return  # the proxy's own re-subscription (reattach): the client saw its confirmations long ago
-        if hook == "subscribe":
-            if raw[:1] != b">":  # RESP3 has no array messages to tell from replies: nothing to count
-                self._confirmation(raw)
+        if hook == "subscribe":  # a RESP2 confirmation (RESP3's are pushes, counted in _frame), or an error
+            self._confirmation(raw)
             slot.expected -= 1
             if slot.expected <= 0 or is_error:
                 self._slots.popleft()
