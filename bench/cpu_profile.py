@@ -911,6 +911,7 @@ def headline(body: dict[str, Any]) -> dict[str, Any]:
             "bench_direct_us": s["direct"]["bench"]["total_us"], "bench_via_proxy_us": proxy["bench"]["total_us"],
             "measured_ratio": proxy["ratio"]["paired_median"], "model_ratio": m["paths"]["proxy"]["model_ratio"],
             "best_ratio": m["paths"]["proxy"]["best_ratio"], "budget_us": m["budget_us"],
+            "cores_left": m["cores_left"], "model_ratio_cores_left": m["paths"]["proxy"]["model_ratio_cores_left"],
             "target_ratio": m["target_ratio"], "kernel_floor_us": m.get("kernel_floor_us"),
             "kernel_floor_ratio": m.get("kernel_floor_ratio"), "syscalls_per_request":
             proxy["relay"].get("syscalls_per_request"),
@@ -1142,6 +1143,7 @@ def explanation(body: dict[str, Any]) -> str:
                    f"inside the budget at -P {1 if within[0] else 16} only")  # fmt: skip
         spare = [m1["budget_us"] - h1["relay_us"], m16["budget_us"] - h16["relay_us"]]
         today = [h1["hiredis"] + h1["acl_observe"], h16["hiredis"] + h16["acl_observe"]]
+        over = [str(p) for p, t, x in zip(PIPELINES, today, spare, strict=True) if t > max(x, 0)]
         gap.append(
             f"- **A compiled fast path** (C, Rust or Cython: frame the read, check the ACL, count, and pass the bytes "
             f"on in one call per read; Python only for the commands that need the session's attention). Python "
@@ -1154,8 +1156,8 @@ def explanation(body: dict[str, Any]) -> str:
             f"(-P 1) and {max(spare[1], 0):.1f} µs (-P 16) per request for framing, the ACL decision and the "
             f"counters together; hiredis and the ACL and observation modules cost {today[0]:.1f} and {today[1]:.1f} "
             "µs today"
-            + (", more than that: they too must be in the compiled call, not only the session's loop."
-               if any(t > max(x, 0) for t, x in zip(today, spare, strict=True)) else ".")
+            + (f", more than that at -P {' and -P '.join(over)}: they too must be in the compiled call, not only "
+               "the session's loop." if over else ".")
         )
     if "twemproxy_us" in h1:
         tw = s1["twemproxy"]
