@@ -57,7 +57,8 @@ def test_token_guards_everything_but_the_probes(
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")  # a trailing newline, as secret files often have, is not part of it
     metrics = free_port()
-    config = f'workers = {workers}\nmetrics_listen = "127.0.0.1:{metrics}"\n[metrics]\nauth_token_file = "{token_file}"\n'
+    config = f'workers = {workers}\nmetrics_listen = "127.0.0.1:{metrics}"\n'
+    config += f'[metrics]\nauth_token_file = "{token_file}"\n'
     proxy = start_proxy(redis_server.url(), config=config)
     wait_for_port(metrics, proc=proxy.proc)
     assert proxy.client().ping()

@@ -184,7 +184,8 @@ def test_celery_through_a_failover_and_a_killed_master(cluster: SentinelCluster,
             i = 0
             while not stop.is_set():
                 try:
-                    accepted.append((i, T(producer, "sleepy").apply_async((0.005,))))  # acks_late, as Airflow runs tasks
+                    # sleepy is acks_late, as Airflow runs tasks
+                    accepted.append((i, T(producer, "sleepy").apply_async((0.005,))))
                     accepted_at[i] = time.monotonic()
                 except Exception:  # not accepted: the publish failed, the caller knows
                     pass
