@@ -1029,7 +1029,7 @@ class Session:
                     out += raw
                 return
             slot = slots[0]
-            if slot.hook == "subscribe":  # a RESP3 (un)subscribe's confirmation: counted, kept short (Celery's)
+            if slot.hook == "subscribe":  # an (un)subscribe's: short, as Celery's result backend sends two per task
                 if slot.expected == 1 and self._observer is not None:
                     self._observer.command(slot.name, "ok")
                 slot.expected -= 1
