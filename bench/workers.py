@@ -207,6 +207,11 @@ def cpu_summary(runs: list[dict[str, Any]], targets: Sequence[str]) -> dict[str,
                 out.setdefault(str(pipeline), {})[t] = {
                     "proxy_cores": statistics.median(r["proxy_cpu_s"] / r["wall_s"] for r in rows),
                     "redis_cores": statistics.median(r["redis_cpu_s"] / r["wall_s"] for r in rows),
+                    # What one request costs the proxy processes: if N workers cost what one does, throughput
+                    # grows with the cores they are given (they share nothing but the listening port).
+                    "proxy_us_per_request": statistics.median(
+                        r["proxy_cpu_s"] / (r["requests"] * len(TESTS)) * 1e6 for r in rows
+                    ),
                 }
     return out
 
@@ -255,13 +260,22 @@ def markdown(rep: Report, body: dict[str, Any]) -> str:
         cells += [fmt_ratio(e["vs_one"][t]) for t in multi]
         cells += [fmt_ratio(e["vs_direct"][t]) for t in proxies]
         table.append(f"| {e['pipeline']} | {e['test']} | " + " | ".join(cells) + " |")
-    cores = ["| -P | path | proxy processes, cores | redis-server, cores |", "|---:|---|---:|---:|"]
+    cores = [
+        "| -P | path | proxy processes, cores | redis-server, cores | proxy CPU µs per request | ÷ 1 worker's |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
     for p in PIPELINES:
+        one = cpu.get(str(p), {}).get("1", {}).get("proxy_us_per_request")
         for t in targets:
             c = cpu.get(str(p), {}).get(t)
             if c is not None:
                 proxy_cores = "-" if t == "direct" else f"{c['proxy_cores']:.2f}"
-                cores.append(f"| {p} | {label(t)} | {proxy_cores} | {c['redis_cores']:.2f} |")
+                us = c.get("proxy_us_per_request")
+                per_request = "-" if t == "direct" or us is None else f"{us:.1f}"
+                vs_one = "-" if t == "direct" or us is None or not one else f"{us / one:.2f}"
+                cores.append(
+                    f"| {p} | {label(t)} | {proxy_cores} | {c['redis_cores']:.2f} | {per_request} | {vs_one} |"
+                )
     bench_lines = "\n".join(cmds["redis_benchmark"])
     warmup = (f", after one discarded run of {cfg['warmup_requests']:,} requests per path"
               if cfg["warmup_requests"] else "")  # fmt: skip
@@ -310,7 +324,11 @@ Medians over repeats ("±x%" is half the range as a share of the median); ratios
 ### Where the CPU went
 
 During each path's runs: CPU seconds used ÷ wall seconds, medians over repeats (the proxy's supervisor and workers
-together; redis-benchmark itself is not counted, and takes much of what is left).
+together; redis-benchmark itself is not counted, and takes much of what is left), and the proxy's CPU time per
+request. Workers share nothing but the listening port, so where N workers spend about what one worker spends per
+request (last column near 1.00), throughput grows with the cores they get until Redis is the limit; on a machine
+where Redis and the load generator already take what one worker leaves, the cores column shows there is nothing
+more to get.
 
 {chr(10).join(cores)}
 """
