@@ -131,7 +131,6 @@ class ClientConnection(asyncio.Protocol):
         self.peer = "?"
         self.peer_host = "?"
         self.upstream_addr: tuple[str, int] | None = None  # where this connection's upstream went
-        self._upstream_sockname: tuple[str, int] | None = None  # our end of it, as Redis names this client
         self.rejected = False  # turned away (max_clients): none of the rest applies
         self._limits_on = False
         self._soft_since: float | None = None  # when the output buffer went over the soft limit
@@ -361,8 +360,6 @@ class ClientConnection(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=self.server.config.write_buffer_high_water)
         self.upstream = transport
-        sockname = transport.get_extra_info("sockname")
-        self._upstream_sockname = (sockname[0], sockname[1]) if isinstance(sockname, tuple) else None
         self.server.outage_ended()
         keepalive(transport, self.server.config.tcp_keepalive)
         self.server.observer.upstream_connections += 1
@@ -480,7 +477,7 @@ class ClientConnection(asyncio.Protocol):
             return False  # being closed already (idle sweep, reload, a protocol error): nothing to carry over
         if self.session.closing or self._demoted:
             return False
-        old_id, old_addr, where = self.session.upstream_id, self._upstream_sockname, self.upstream_addr
+        old_id, old_addr, where = self.session.upstream_id, self.session.upstream_addr, self.upstream_addr
         out, state = self.session.reattach()
         if out is None:
             server.observer.reattach_failed(state)

@@ -330,15 +330,14 @@ class Server:
                 raise ConnectionError(reply[1:].strip().decode("utf-8", "replace"))
         return replies[len(handshake) :]
 
-    def kill_orphan(self, upstream_id: int, client_addr: tuple[str, int], address: tuple[str, int]) -> None:
+    def kill_orphan(self, upstream_id: int, client_addr: bytes, address: tuple[str, int]) -> None:
         """Close, on the Redis at ``address``, an upstream connection of ours that we lost but Redis may still hold
-        (a blocked pop in it would take an element for nobody): CLIENT KILL ID with ADDR, so that after a restart
-        (IDs start again) it matches no one else."""
+        (a blocked pop in it would take an element for nobody): CLIENT KILL ID with ADDR (as Redis saw it, from
+        CLIENT INFO), so that after a restart (IDs start again) it matches no one else."""
         self.spawn(self._kill_orphan(upstream_id, client_addr, address), f"kill orphan {upstream_id}")
 
-    async def _kill_orphan(self, upstream_id: int, client_addr: tuple[str, int], address: tuple[str, int]) -> None:
-        host, port = client_addr
-        cmd = [b"CLIENT", b"KILL", b"ID", str(upstream_id).encode(), b"ADDR", f"{host}:{port}".encode()]
+    async def _kill_orphan(self, upstream_id: int, client_addr: bytes, address: tuple[str, int]) -> None:
+        cmd = [b"CLIENT", b"KILL", b"ID", str(upstream_id).encode(), b"ADDR", client_addr]
         delay = 0.1
         for _ in range(KILL_ORPHAN_ATTEMPTS):
             try:

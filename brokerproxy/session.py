@@ -42,6 +42,7 @@ buffer when it died are recovered by ``undelivered()``.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -242,6 +243,8 @@ def _plain_slot(name: str) -> _Slot:
 
 
 _CLIENT_ID = resp.encode_command([b"CLIENT", b"ID"])
+_CLIENT_INFO = resp.encode_command([b"CLIENT", b"INFO"])
+_ADDR_FIELD = re.compile(rb"(?:^|\s)addr=(\S+)")
 _HELLO = resp.encode_command([b"HELLO"])
 _PING = resp.encode_command([b"PING"])
 _MESSAGE_PREFIXES = (b"*3\r\n$7\r\nmessage\r\n", b"*4\r\n$8\r\npmessage\r\n", b"*3\r\n$8\r\nsmessage\r\n")
@@ -302,6 +305,7 @@ class Session:
 
         self.user: str | None = identity or (None if authenticator.required else "default")
         self.upstream_id: int | None = None  # CLIENT ID of the pinned upstream connection
+        self.upstream_addr: bytes | None = None  # its addr= in CLIENT INFO: ip:port as Redis sees it
         self.protocol = 2
         self.db = 0
         self._in_multi = False
@@ -608,6 +612,11 @@ class Session:
         # CLIENT UNBLOCK from a side connection. Its error (an upstream ACL without CLIENT) is not fatal.
         self._out_upstream += _CLIENT_ID
         self._slots.append(_Slot(_SWALLOW, hook="id"))
+        # And its address as Redis sees it (through NAT or a relay, not our socket's), so that an upstream connection
+        # lost to us but not to Redis can be closed with CLIENT KILL ID … ADDR …, which matches no one else after a
+        # restart. Redis before 6.2 has no CLIENT INFO: its error only leaves the address unknown.
+        self._out_upstream += _CLIENT_INFO
+        self._slots.append(_Slot(_SWALLOW, hook="info"))
 
     def _authenticated(self, user: str) -> None:
         first = self.user is None
@@ -1079,6 +1088,9 @@ class Session:
             if slot.hook == "id":
                 value = None if is_error else resp.decode(raw)
                 self.upstream_id = value if isinstance(value, int) else None
+            elif slot.hook == "info":
+                match = None if is_error else _ADDR_FIELD.search(raw)
+                self.upstream_addr = match.group(1) if match else None
             elif is_error:
                 # Nothing after a failed handshake is the client's to see: the proxy answers with the error.
                 self._upstream_failed = True
@@ -1284,6 +1296,7 @@ class Session:
         self._replies = resp.ReplyParser()
         self._fast_reply_reader = resp.fast_reader()
         self.upstream_id = None
+        self.upstream_addr = None
         self._out_upstream.clear()
         self._send_handshake()
         if self.protocol == 3:

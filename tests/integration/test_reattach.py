@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -89,6 +90,84 @@ def test_blocked_pop_gets_a_timeout_then_carries_on(start_proxy: StartProxy, aof
     assert s.recv(100) == b"*2\r\n$4\r\njobs\r\n$2\r\nm1\r\n"
     s.close()
     assert metric(metrics, "brokerproxy_upstream_reattached_total", 'state="blocked_pop"') == 1
+
+
+class CuttableRelay:
+    """A TCP relay in front of Redis whose cut() drops the proxy's side of every connection while Redis keeps its
+    side open: what a network cut or a middlebox dropping connections does (Redis still holds the clients)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.held: list[socket.socket] = []  # Redis-side sockets of cut connections: open, never read again
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.pairs.append((down, up))
+            threading.Thread(target=self._pump, args=(down, up), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        pairs, self.pairs = self.pairs, []
+        for down, up in pairs:
+            down.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            down.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv (close alone would not)
+            down.close()  # the proxy sees the connection end; Redis sees nothing
+            self.held.append(up)
+
+    def close(self) -> None:
+        self.listener.close()
+        for down, up in self.pairs:
+            down.close()
+            up.close()
+        for up in self.held:
+            up.close()
+
+
+def test_pop_left_blocked_in_redis_by_a_network_cut_is_ended(start_proxy: StartProxy, aof_redis: RedisServer) -> None:
+    """The upstream connection is lost to the proxy but not to Redis: the pop still blocked there must not take the
+    next element for nobody. The proxy ends it (CLIENT KILL ID … ADDR …) and the client's next pop gets the element."""
+    relay = CuttableRelay(aof_redis.port)
+    try:
+        p = start_proxy(f"redis://127.0.0.1:{relay.port}/0")
+        direct = aof_redis.client()
+        s = socket.create_connection(("127.0.0.1", p.port), timeout=15)
+        s.sendall(b"BRPOP jobs 0\r\n")
+        time.sleep(0.3)
+        relay.cut()
+        assert s.recv(100) == b"*-1\r\n"  # the reattached pop's timeout
+
+        def blocked_pops() -> int:
+            return sum(1 for c in direct.client_list() if c["cmd"] == "brpop" and "b" in c["flags"])
+
+        deadline = time.monotonic() + 10
+        while blocked_pops() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert blocked_pops() == 0  # the orphan is gone from Redis
+        s.sendall(b"BRPOP jobs 0\r\n")
+        time.sleep(0.3)
+        direct.lpush("jobs", "m1")
+        assert s.recv(100) == b"*2\r\n$4\r\njobs\r\n$2\r\nm1\r\n"
+        s.close()
+        assert "closed an upstream connection Redis still held for us" in p.logs()
+    finally:
+        relay.close()
 
 
 @pytest.mark.parametrize(

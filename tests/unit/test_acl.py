@@ -661,7 +661,7 @@ def test_session_answers_denials_and_aborts_exec() -> None:
     assert s.take_client() == b"-NOAUTH Authentication required.\r\n"
     s.from_client(resp.encode_command([b"AUTH", b"w", b"pw"]))
     assert s.take_client() == b"+OK\r\n" and s.take_events() == [OpenUpstream()]
-    s.from_upstream(b":1\r\n")  # the proxy's own CLIENT ID
+    s.from_upstream(b":1\r\n$11\r\nid=1 addr=x\r\n")  # the proxy's own CLIENT ID and CLIENT INFO
     s.take_upstream()
     s.from_client(resp.encode_command([b"FLUSHALL"]) + resp.encode_command([b"GET", b"x"]))
     assert s.take_client() == (

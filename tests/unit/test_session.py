@@ -414,6 +414,28 @@ def test_upstream_connection_id_refused_is_not_fatal() -> None:
     assert s.upstream_id is None
 
 
+@pytest.mark.parametrize(
+    ("reply", "addr"),
+    [
+        (bulk(b"id=42 addr=10.0.0.7:51234 laddr=10.0.0.1:6379 fd=8 name= age=0"), b"10.0.0.7:51234"),
+        (b"=61\r\ntxt:id=42 addr=[::1]:6000 laddr=[::1]:6379 fd=8 name=x age=3 \r\n", b"[::1]:6000"),  # RESP3
+        (b"-ERR unknown subcommand 'INFO'. Try CLIENT HELP.\r\n", None),  # Redis before 6.2: not fatal
+    ],
+    ids=["resp2", "resp3-verbatim", "old-redis"],
+)
+def test_upstream_connection_address_is_recorded(reply: bytes, addr: bytes | None) -> None:
+    # ...and its address as Redis sees it, for CLIENT KILL ID … ADDR … of a connection lost to us but not to Redis.
+    s = Session(Users(), upstream_handshake=HANDSHAKE)
+    s.take_events()
+    own = own_part(s.take_upstream(), b"")
+    assert requests_in(own)[-1] == [b"CLIENT", b"INFO"]
+    s.from_client(cmd("GET", "a"))
+    s.from_upstream(OK * (len(requests_in(own)) - 2) + b":42\r\n" + reply + bulk(b"v"))
+    assert s.take_events() == []
+    assert s.take_client() == bulk(b"v")
+    assert (s.upstream_id, s.upstream_addr) == (42, addr)
+
+
 # -------------------------------------------------------------------------------------------------------- RESP3 pushes
 
 

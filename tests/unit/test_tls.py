@@ -852,8 +852,8 @@ def cert_session(tmp_path: Path) -> Session:
     )
     s = Session(config_mod.load(str(path)).authenticator(), identity="worker")
     assert s.user == "worker" and s.take_events() == [OpenUpstream()]  # no AUTH needed: upstream opens at once
-    assert bytes(s.take_upstream()) == command("CLIENT", "ID")
-    s.from_upstream(b":7\r\n")
+    assert bytes(s.take_upstream()) == command("CLIENT", "ID") + command("CLIENT", "INFO")
+    s.from_upstream(b":7\r\n$4\r\nid=7\r\n")
     assert bytes(s.take_client()) == b""
     return s
 
@@ -873,9 +873,9 @@ def test_reset_returns_to_the_certificate_user(cert_session: Session) -> None:
     s.from_client(command("AUTH", "admin", "adminpw"))
     s.take_client()
     s.from_client(command("RESET"))
-    assert bytes(s.take_upstream()) == command("RESET") + command("CLIENT", "ID")
+    assert bytes(s.take_upstream()) == command("RESET") + command("CLIENT", "ID") + command("CLIENT", "INFO")
     assert s.user == "worker"  # not de-authenticated: the certificate still says who this is
-    s.from_upstream(b"+RESET\r\n:7\r\n")
+    s.from_upstream(b"+RESET\r\n:7\r\n$4\r\nid=7\r\n")
     assert bytes(s.take_client()) == b"+RESET\r\n"
     s.from_client(command("HELLO", "3"))  # HELLO without AUTH is allowed: the connection is authenticated
     assert bytes(s.take_upstream()) == command("HELLO", "3")
