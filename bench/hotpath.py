@@ -11,10 +11,10 @@ Workloads:
 
 * **capture**: the recorded real Celery 5.7 traffic in ``tests/data/celery57-resp3`` (22 connections, 3,861
   requests; see its README). Each connection gets a fresh Session (its construction is part of the cost, as it is
-  per connection in the proxy), its ``CLIENT ID`` handshake is answered with ``:1``, then all its requests are fed
-  and then all its replies. Two ways of cutting the bytes into reads: ``per-frame`` (one read per request and one
-  per reply, the request/response pattern of a Celery client, the worst case for per-call overhead) and ``64k``
-  (the whole stream in 64 KiB reads, as a fully pipelined client would arrive).
+  per connection in the proxy), its ``CLIENT ID`` and ``CLIENT INFO`` handshake is answered, then all its requests
+  are fed and then all its replies. Two ways of cutting the bytes into reads: ``per-frame`` (one read per request
+  and one per reply, the request/response pattern of a Celery client, the worst case for per-call overhead) and
+  ``64k`` (the whole stream in 64 KiB reads, as a fully pipelined client would arrive).
 * **synthetic**: ``LPUSH q v``, ``BRPOP q 1``, ``SET k v``, ``GET k`` with values of 100 B, 1 KiB, 16 KiB and
   64 KiB, pipelined 16 deep (and 1 deep, one command per read): a batch of requests is fed in reads of at most
   64 KiB, then the batch's replies (``:1``, ``*2 q v``, ``+OK``, ``$len v``) the same way. The value travels in the
@@ -83,7 +83,8 @@ class NoUsers:
 
 
 _AUTH = NoUsers()
-_HANDSHAKE_REPLY = b":1\r\n"  # Redis's answer to the proxy's own CLIENT ID
+# Redis's answers to the proxy's own CLIENT ID and CLIENT INFO
+_HANDSHAKE_REPLY = b":1\r\n$25\r\nid=1 addr=127.0.0.1:50000\r\n"
 
 
 _HIREDIS = resp._hiredis  # the hiredis module as brokerproxy.resp imported it (None if not installed)
@@ -129,7 +130,7 @@ class Workload:
 def _new_session() -> session.Session:
     s = session.Session(_AUTH)
     s.take_events()
-    s.take_upstream()  # CLIENT ID
+    s.take_upstream()  # CLIENT ID, CLIENT INFO
     s.from_upstream(_HANDSHAKE_REPLY)
     s.take_client()
     return s

@@ -152,7 +152,7 @@ def capture_reads() -> list[tuple[list[bytes], list[bytes]]]:
             reqs.append(r.raw)
         rp = resp.ReplyParser()
         rp.feed(c2s_path.with_suffix(".s2c").read_bytes())
-        reps = [b":1\r\n"]  # the proxy's own CLIENT ID
+        reps = [b":1\r\n", b"$25\r\nid=1 addr=127.0.0.1:50000\r\n"]  # the proxy's own CLIENT ID, CLIENT INFO
         while (f := rp.next()) is not None:
             reps.append(f[1])
         conns.append((reqs, reps))
