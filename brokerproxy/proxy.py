@@ -326,6 +326,7 @@ class ClientConnection(asyncio.Protocol):
         delay = 0.05
         while True:
             await self.server.master_settled()  # a failover in progress: wait for the new master
+            await self.server.upstream_loaded(deadline)  # a restarted Redis still loading: its -LOADING kills workers
             host, port = self.upstream_addr = self.server.upstream_addr  # sentinel://: where the master is now
             tls = self.server.upstream_tls_args(host)
             try:

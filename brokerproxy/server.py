@@ -81,6 +81,8 @@ class Server:
         self.upstream_addr: tuple[str, int] = (config.upstream.host, config.upstream.port)
         self.sentinel: SentinelWatcher | None = None
         self._settled = asyncio.Event()  # no failover hold in progress (master_settled)
+        self._loaded = asyncio.Event()  # Redis has its data: no outage, or it answers PING without -LOADING
+        self._loaded.set()
         self._settled.set()
         self._outage_since: float | None = None  # the upstream was lost under live connections (reattach)
         self._hold_until = 0.0  # a failover in progress: new upstream connections wait until then (or the switch)
@@ -188,6 +190,40 @@ class Server:
         if self._outage_since is None:
             self._outage_since = asyncio.get_running_loop().time()
             log.warning("upstream lost; carrying client connections over to new upstream connections")
+        if self._loaded.is_set():
+            self._loaded.clear()
+            self.spawn(self._probe_loaded(), "loading probe")
+
+    async def _probe_loaded(self) -> None:
+        """A restarted Redis accepts connections while it loads its data, and answers -LOADING to nearly every
+        command meanwhile: to kombu a connection error, on which a Celery worker restarts its consumer (the crash
+        issue 9 is about). PING on a side connection until the answer is not -LOADING (at most upstream_wait), so
+        that carried-over connections resume only then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(self.config.upstream_wait, 1.0)
+        delay = 0.05
+        try:
+            while loop.time() < deadline:
+                try:
+                    (reply,) = await self.side_commands([[b"PING"]])
+                    if not reply.startswith(b"-LOADING"):
+                        return
+                except (TimeoutError, OSError, ConnectionError, ValueError):
+                    pass  # not up yet
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            log.warning("upstream still loading its data after upstream_wait; carrying on")
+        finally:
+            self._loaded.set()
+
+    async def upstream_loaded(self, deadline: float) -> None:
+        """Return once Redis has loaded its data after an outage (see _probe_loaded), or at ``deadline``."""
+        if self._loaded.is_set():
+            return
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._loaded.wait(), remaining)
 
     def outage_ended(self) -> None:
         if self._outage_since is not None:

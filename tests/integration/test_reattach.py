@@ -92,6 +92,32 @@ def test_blocked_pop_gets_a_timeout_then_carries_on(start_proxy: StartProxy, aof
     assert metric(metrics, "brokerproxy_upstream_reattached_total", 'state="blocked_pop"') == 1
 
 
+def test_restarted_redis_still_loading_is_waited_for(start_proxy: StartProxy, tmp_path: Path) -> None:
+    """A restarted Redis answers -LOADING while it loads its data: a carried-over connection resumes only once it
+    has (to kombu, -LOADING is a connection error, on which a Celery worker restarts its consumer)."""
+    d = tmp_path / "slow-load"
+    d.mkdir()
+    # 100 µs per key: 20,000 keys take about 2 s to load, answering (-LOADING) every 1 KiB loaded.
+    server = RedisServer(d, "--key-load-delay", "100", "--loading-process-events-interval-bytes", "1024")
+    try:
+        direct = server.client()
+        for i in range(0, 20_000, 2_000):
+            direct.mset({f"k{j}": "v" for j in range(i, i + 2_000)})
+        direct.save()
+        direct.close()
+        p = start_proxy(server.url())
+        c = p.client(socket_timeout=15, retry=NO_RETRY)
+        assert c.get("k1") == b"v"
+        server.stop(signal.SIGKILL)
+        server.start()
+        with pytest.raises(redis.BusyLoadingError):
+            server.client(retry=NO_RETRY).ping()  # the scenario is real: Redis is loading
+        assert c.get("k19999") == b"v"  # the same connection, once Redis has its data: no -LOADING
+        assert "upstream still loading" not in p.logs()
+    finally:
+        server.stop()
+
+
 class CuttableRelay:
     """A TCP relay in front of Redis whose cut() drops the proxy's side of every connection while Redis keeps its
     side open: what a network cut or a middlebox dropping connections does (Redis still holds the clients)."""
