@@ -209,7 +209,7 @@ class Server:
                     if not reply.startswith(b"-LOADING"):
                         return
                 except (TimeoutError, OSError, ConnectionError, ValueError):
-                    pass  # not up yet
+                    pass  # not up yet, or killed again while we asked
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
             log.warning("upstream still loading its data after upstream_wait; carrying on")
@@ -345,7 +345,10 @@ class Server:
             asyncio.open_connection(host, port, **self.upstream_tls_args(host)), timeout
         )
         try:
-            writer.write(payload)
+            try:
+                writer.write(payload)
+            except RuntimeError as exc:  # uvloop: the transport closed under us (Redis killed as we connected)
+                raise ConnectionError(str(exc)) from None
             parser = resp.ReplyParser()
             replies: list[bytes] = []
             while len(replies) < len(handshake) + len(commands):
