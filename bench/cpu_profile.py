@@ -103,10 +103,8 @@ from e2e_redis_benchmark import (
     LABELS,
     PEERS,
     PIPELINED_REQUEST_FACTOR,
-    find_peer,
-    peer_process,
-    peer_version,
     requests_for,
+    start_peers,
 )
 from workers import redis_process_id, usable_cpus
 
@@ -609,18 +607,11 @@ def measure(args: argparse.Namespace, redis_bin: str) -> dict[str, Any]:
         ports["plain"], procs["plain"], commands["plain"] = port, proc, shlex.join(cmd)
         port, cmd, proc = stack.enter_context(relay_process(redis_port, workdir))
         ports["relay"], procs["relay"], commands["relay"] = port, proc, shlex.join(cmd)
-        for name in () if args.no_peers else PEERS:
-            binary, why = find_peer(name, args.install_peers)
-            if binary is None:
-                peers[name] = {"available": False, "reason": why}
-                continue
-            try:
-                port, cmd, proc, config = stack.enter_context(peer_process(name, binary, redis_port, workdir))
-            except BenchError as exc:
-                peers[name] = {"available": False, "reason": f"not available: did not start ({exc})"}
-                continue
+        started, found = start_peers(stack, () if args.no_peers else PEERS, args.install_peers, redis_port, workdir)
+        peers.update(found)
+        for name, (port, proc, cmd, config) in started.items():
             ports[name], procs[name], commands[name] = port, proc, shlex.join(cmd)
-            peers[name] = {"available": True, "version": peer_version(name, binary), "config": config}
+            peers[name]["config"] = config
         targets = [t for t in ORDER if t in ports]
 
         def check() -> None:

@@ -263,6 +263,29 @@ def peer_version(name: str, binary: str) -> str:
     return text.splitlines()[0] if text else "unknown"
 
 
+def start_peers(
+    stack: ExitStack, names: Sequence[str], install: bool, upstream_port: int, workdir: Path
+) -> tuple[dict[str, tuple[int, subprocess.Popen[bytes], list[str], str]], dict[str, dict[str, Any]]]:
+    """Start, in front of ``upstream_port``, each peer that can be had (stopped with ``stack``): name -> (port,
+    process, command, config text) of those started, and name -> its report entry (available with its version, or
+    not with the reason) of all."""
+    started: dict[str, tuple[int, subprocess.Popen[bytes], list[str], str]] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    for name in names:
+        binary, why = find_peer(name, install)
+        if binary is None:
+            entries[name] = {"available": False, "reason": why}
+            continue
+        try:
+            port, cmd, proc, config = stack.enter_context(peer_process(name, binary, upstream_port, workdir))
+        except BenchError as exc:
+            entries[name] = {"available": False, "reason": f"not available: did not start ({exc})"}
+            continue
+        started[name] = (port, proc, cmd, config)
+        entries[name] = {"available": True, "version": peer_version(name, binary)}
+    return started, entries
+
+
 @contextmanager
 def peer_process(
     name: str, binary: str, upstream_port: int, workdir: Path

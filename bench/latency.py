@@ -45,7 +45,7 @@ from common import (
     run_benchmark,
     spread,
 )
-from e2e_redis_benchmark import LABELS, PEERS, find_peer, peer_process, peer_version
+from e2e_redis_benchmark import LABELS, PEERS, start_peers
 
 NAME = "latency"
 VALUE_SIZE = 512
@@ -231,18 +231,11 @@ def measure(args: argparse.Namespace, redis_bin: str) -> dict[str, Any]:
         proxy_port, proxy_cmd, proxy_proc, _log = stack.enter_context(proxy_process(redis_port, workdir))
         ports = {"direct": redis_port, "proxy": proxy_port}
         procs = {"proxy": proxy_proc}
-        for name in args.peers:
-            binary, why = find_peer(name, args.install_peers)
-            if binary is None:
-                peers[name] = {"available": False, "reason": why}
-                continue
-            try:
-                port, cmd, proc, _config = stack.enter_context(peer_process(name, binary, redis_port, workdir))
-            except BenchError as exc:
-                peers[name] = {"available": False, "reason": f"not available: did not start ({exc})"}
-                continue
+        started, found = start_peers(stack, args.peers, args.install_peers, redis_port, workdir)
+        peers.update(found)
+        for name, (port, proc, cmd, _config) in started.items():
             ports[name], procs[name] = port, proc
-            peers[name] = {"available": True, "version": peer_version(name, binary), "command": shlex.join(cmd)}
+            peers[name]["command"] = shlex.join(cmd)
         targets = [t for t in ("direct", "proxy", *PEERS) if t in ports]
         clients = {t: Client(ports[t]) for t in targets}
         for client in clients.values():
