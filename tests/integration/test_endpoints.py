@@ -250,27 +250,3 @@ def test_close_ends_a_connection_that_lingers_after_an_error() -> None:
             s.close()
 
     run(t)
-
-
-def test_scrapes_do_not_stall_the_event_loop() -> None:
-    async def t(_: HTTPEndpoints, port: int, ready: Ready, o: Observer) -> None:
-        for i in range(100):
-            o.on_request([b"LPUSH", b"q%d" % i, b'{"properties": {"delivery_tag": "t%d"}}' % i], False)
-        ticks = 0
-        stop = asyncio.Event()
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while not stop.is_set():
-                ticks += 1
-                await asyncio.sleep(0.001)
-
-        task = asyncio.create_task(ticker())
-        for _ in range(20):
-            status, _, body = await in_thread(lambda: get(port, "/metrics"))
-            assert status == 200 and b'queue="q99"' in body
-        stop.set()
-        await task
-        assert ticks > 20  # the loop kept running between and during scrapes
-
-    run(t)
