@@ -438,6 +438,9 @@ class Session:
             or data[-2:] != b"\r\n"
             or _first_name(data) in self._not_fast
             or resp.huge_aggregate(data, self._max_array)  # hiredis would allocate the count first
+            # hiredis reads a simple string as bytes, like a bulk string; Redis refuses it as an argument. A value
+            # that merely holds these bytes only costs the exact path.
+            or b"\r\n+" in data
         ):
             return False
         reader.feed(data)

@@ -1039,3 +1039,15 @@ def test_replies_hiredis_cannot_read_still_pass_through(reply: bytes) -> None:
     s.from_upstream(reply + b"$1\r\nx\r\n")
     assert s.take_client() == reply + b"$1\r\nx\r\n"
     assert s.pending == 0
+
+
+@pytest.mark.parametrize("kind", [b"+", b"="])
+def test_simple_string_argument_is_a_protocol_error_on_every_path(kind: bytes) -> None:
+    # hiredis reads a simple (or verbatim) string as bytes, as it reads a bulk string: the fast path must not take
+    # the read for a request. Redis answers it with a protocol error and closes the connection; so does the proxy.
+    s = open_session()
+    s.from_client(cmd("GET", "a") + b"*2\r\n$3\r\nGET\r\n" + kind + b"txt:foo\r\n")
+    assert s.take_upstream() == cmd("GET", "a")
+    assert closed(s.take_events())
+    s.from_upstream(bulk(b"1"))
+    assert s.take_client() == bulk(b"1") + b"-ERR Protocol error: expected '$', got '" + kind + b"'\r\n"
