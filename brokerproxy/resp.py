@@ -60,13 +60,16 @@ _COMPACT_AT = 64 * 1024
 #: count's slots before anything checks it (a count of 2**31 stalls the loop for seconds, 2**32-1 raises
 #: MemoryError), so such bytes never reach hiredis: the exact parser checks the count against the limits first.
 _HEADER = re.compile(rb"[*%~>|]\+?0*(\d{7,})\r")
-#: The same after a newline: headers start a read or follow one, which keeps the scan off most payload bytes.
-_HEADER_AFTER_NEWLINE = re.compile(rb"\n[*%~>|]\+?0*(\d{7,})\r")
-_AGGREGATES = frozenset(b"*%~>|")
+#: The same after a newline, or a simple string there: hiredis reads '+x' as the bytes b"x", like a bulk string,
+#: where Redis refuses it as an argument. Headers start a read or follow a newline, which keeps the scan off most
+#: payload bytes.
+_LINE_HIREDIS_MISREADS = re.compile(rb"\n(?:\+|[*%~>|]\+?0*(\d{7,})\r)")
+_SUSPECT_AFTER_NEWLINE = frozenset(b"+*%~>|")
 
 
-def huge_aggregate(data: bytes | bytearray, limit: int, start: int = 0) -> bool:
-    """True if ``data[start:]`` holds an aggregate header whose count is above ``limit``: hiredis must not see it."""
+def hiredis_misreads(data: bytes | bytearray, limit: int, start: int = 0) -> bool:
+    """True if ``data[start:]`` (requests) holds what hiredis must not see: an aggregate header whose count is above
+    ``limit``, or a simple string (the exact parser answers both with Redis's protocol error)."""
     m = _HEADER.match(data, start)
     if m is not None and int(m.group(1)) > limit:
         return True
@@ -76,17 +79,17 @@ def huge_aggregate(data: bytes | bytearray, limit: int, start: int = 0) -> bool:
         budget = 8  # a value's few header lines; a dense pipeline goes to the regex, cheaper per line
         i = data.find(b"\n", start)
         while i >= 0 and budget:
-            if i + 1 < len(data) and data[i + 1] in _AGGREGATES:
-                m = _HEADER_AFTER_NEWLINE.match(data, i)
-                if m is not None and int(m.group(1)) > limit:
+            if i + 1 < len(data) and data[i + 1] in _SUSPECT_AFTER_NEWLINE:
+                m = _LINE_HIREDIS_MISREADS.match(data, i)
+                if m is not None and (m.group(1) is None or int(m.group(1)) > limit):
                     return True
             i = data.find(b"\n", i + 1)
             budget -= 1
         if i < 0:
             return False
         start = i
-    for m in _HEADER_AFTER_NEWLINE.finditer(data, start):
-        if int(m.group(1)) > limit:
+    for m in _LINE_HIREDIS_MISREADS.finditer(data, start):
+        if m.group(1) is None or int(m.group(1)) > limit:
             return True
     return False
 
@@ -274,8 +277,8 @@ class HiredisRequestParser(RequestParser):
             return self._exact()
         if self._fed < len(buf):
             # From a little before the new bytes: a header may have been split across two reads.
-            if huge_aggregate(buf, self._limits.max_array_length, max(self._fed - 24, pos)):
-                return self._exact()  # raises the protocol error, before hiredis allocates anything
+            if hiredis_misreads(buf, self._limits.max_array_length, max(self._fed - 24, pos)):
+                return self._exact()  # raises the protocol error, before hiredis allocates or misreads anything
             self._reader.feed(buf, self._fed)  # type: ignore[arg-type]  # any buffer works, stubs say bytes
             self._fed = len(buf)
         try:

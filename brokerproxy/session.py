@@ -437,10 +437,8 @@ class Session:
             # A read that ends inside a frame would be parsed twice: leave it to the exact path.
             or data[-2:] != b"\r\n"
             or _first_name(data) in self._not_fast
-            or resp.huge_aggregate(data, self._max_array)  # hiredis would allocate the count first
-            # hiredis reads a simple string as bytes, like a bulk string; Redis refuses it as an argument. A value
-            # that merely holds these bytes only costs the exact path.
-            or b"\r\n+" in data
+            # A huge count hiredis would allocate first; a simple string it would read as a bulk string.
+            or resp.hiredis_misreads(data, self._max_array)
         ):
             return False
         reader.feed(data)

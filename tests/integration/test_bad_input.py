@@ -39,6 +39,14 @@ def test_malformed_gets_one_error_and_close(limited: ProxyProcess, payload: byte
     assert exchange(limited.port, b"PING\r\n" + payload) == b"+PONG\r\n" + error
 
 
+def test_simple_string_argument_closes_like_redis(limited: ProxyProcess, redis_server: RedisServer) -> None:
+    # A read that starts with '*' (the fast path's kind): Redis's answer, and the connection closed, on both.
+    payload = b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n+foo\r\n"
+    direct = exchange(redis_server.port, payload)
+    assert direct == b"+PONG\r\n-ERR Protocol error: expected '$', got '+'\r\n"
+    assert exchange(limited.port, payload, timeout=5) == direct
+
+
 def test_limits_allow_exactly_the_limit(limited: ProxyProcess) -> None:
     value = b"v" * 1024
     args = [b"RPUSH", b"l"] + [b"x"] * 13 + [value]  # 16 arguments, one of 1024 bytes

@@ -95,7 +95,7 @@ FORBIDDEN = frozenset(
 # for seconds (*2**31: ~4 s, >2**29: ~13 s), and 2**32-1 raises MemoryError out of data_received. Until that is
 # fixed the fuzzer turns such counts into ones hiredis refuses (still far over the limit), so that one stall does
 # not hide everything else.
-AVOID_HIREDIS_HUGE_ARRAYS = False  # fixed: resp.huge_aggregate keeps such counts away from hiredis
+AVOID_HIREDIS_HUGE_ARRAYS = False  # fixed: resp.hiredis_misreads keeps such counts away from hiredis
 
 # Known bug, tested on its own in test_non_bulk_arguments (xfail): hiredis reads any RESP type as a request
 # argument (an integer, a nested array, a null), and the fast path does not check that the arguments are bulk
