@@ -438,7 +438,7 @@ class Session:
             or data[-2:] != b"\r\n"
             or _first_name(data) in self._not_fast
             # A huge count hiredis would allocate first; a simple string it would read as a bulk string.
-            or resp.hiredis_misreads(data, self._max_array)
+            or resp.hiredis_misreads(data, self._max_array, 0, 0)
         ):
             return False
         reader.feed(data)

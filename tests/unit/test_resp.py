@@ -605,3 +605,55 @@ def test_encoders() -> None:
     assert resp.error("ERR bad\r\nthing") == b"-ERR bad  thing\r\n"
     assert resp.null(2) == b"$-1\r\n" and resp.null(3) == b"_\r\n"
     assert resp.null_array(2) == b"*-1\r\n" and resp.null_array(3) == b"_\r\n"
+
+
+# ------------------------------------------------------------------------------------- what hiredis must never see
+
+
+DENSE = (b"v" * 15 + b"\n") * 4096  # a 64 KiB value with a newline every 16 bytes
+
+
+@pytest.mark.parametrize("frame", [None, 0])
+@pytest.mark.parametrize(
+    ("tail", "misread"),
+    [
+        (resp.encode_command([b"GET", b"k"]), False),
+        (b"*99999999\r\n", True),  # a count hiredis would allocate before anything checks it
+        (b"*2\r\n$3\r\nGET\r\n+k\r\n", True),  # a simple string, which hiredis reads as a bulk one
+        (b"*1\r\n*99999999\r\n", True),
+    ],
+)
+def test_hiredis_misreads_after_a_large_value(frame: int | None, tail: bytes, misread: bool) -> None:
+    # Both scans (the regex, and the walk over headers that large values take) find what follows a value dense with
+    # newlines. The walk jumps over values, so what a value holds cannot fool it; the regex would take such bytes for
+    # headers (which costs only the exact parser), so it gets a value without them.
+    bait = b"\n*99999999\r\n+x\r\n" if frame is not None else b""
+    data = resp.encode_command([b"LPUSH", b"q", DENSE + bait]) + tail
+    assert resp.hiredis_misreads(data, 1 << 20, 0, frame) is misread
+
+
+@pytest.mark.parametrize("cut", [3, 20, 40, 65_000])
+def test_hiredis_misreads_walk_on_a_partial_request(cut: int) -> None:
+    data = resp.encode_command([b"LPUSH", b"q", DENSE]) + b"*99999999\r\n"
+    assert resp.hiredis_misreads(data[: len(data) - 11 - cut], 1 << 20, 0, 0) is False
+    assert resp.hiredis_misreads(data, 1 << 20, 0, 0) is True
+
+
+def test_hiredis_parser_frames_large_values_dense_with_newlines() -> None:
+    reqs = [[b"LPUSH", b"q", DENSE], [b"SET", b"k", DENSE[:20_000]], [b"GET", b"k"]]
+    stream = b"".join(resp.encode_command(r) for r in reqs)
+    for size in (1000, 65536, len(stream)):
+        parser = resp.HiredisRequestParser(resp.Limits())
+        chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
+        assert [r.args for r in frame_requests(parser, chunks)] == reqs
+    with raises("invalid multibulk length"):
+        frame_requests(resp.HiredisRequestParser(resp.Limits()), [stream + b"*99999999\r\n"])
+
+
+@pytest.mark.parametrize("size", [1000, 20_000])
+def test_hiredis_parser_large_request_over_the_bulk_limit(size: int) -> None:
+    # A large request is framed by the exact parser, which checks the limits as the bytes come.
+    stream = resp.encode_command([b"SET", b"k", DENSE[:30_000]])
+    parser = resp.HiredisRequestParser(resp.Limits(max_bulk_length=25_000))
+    with raises("invalid bulk length"):
+        frame_requests(parser, [stream[i : i + size] for i in range(0, len(stream), size)])
