@@ -13,10 +13,21 @@ import pytest
 import brokerproxy
 
 PKG_DIR = Path(brokerproxy.__file__).resolve().parent
-SANS_IO = ["resp", "commands", "session"]
+#: session.py and the modules of its parts (its mixins, its slots and replies, its events).
+SESSION_PARTS = [
+    "session_events",
+    "session_replies",
+    "session_auth",
+    "session_multi_pubsub",
+    "session_fast",
+    "session_recovery",
+]
+SANS_IO = ["resp", "commands", "session", *SESSION_PARTS]
 FORBIDDEN = {"asyncio", "socket", "ssl", "prometheus_client", "selectors", "uvloop"}
-# Imports point one way: resp <- commands <- acl <- session; errors (and config) are leaves.
-ORDER = ["resp", "commands", "acl", "session"]
+# Imports point one way: resp <- commands <- acl <- session's parts <- session; errors (and config) are leaves. The
+# parts are in the order they may import each other: events and replies first, then the mixins, none of which
+# imports another.
+ORDER = ["resp", "commands", "acl", *SESSION_PARTS, "session"]
 NOT_FROM_SANS_IO = {"proxy", "server", "cli", "upstream", "tls", "metrics", "audit", "__main__"}
 
 
@@ -70,5 +81,6 @@ print(json.dumps(loaded))
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = json.loads(out)
     assert "brokerproxy.session" in loaded and "brokerproxy.resp" in loaded
+    assert {f"brokerproxy.{m}" for m in SESSION_PARTS} <= set(loaded)
     assert [m for m in loaded if m.split(".")[0] in FORBIDDEN] == []
     assert [m for m in loaded if m.startswith("brokerproxy.") and m.split(".")[1] in NOT_FROM_SANS_IO] == []
