@@ -411,7 +411,9 @@ HIREDIS_FILES = {"reader.c", "read.c", "sds.c", "sds.h", "alloc.c", "alloc.h", "
 #: brokerproxy module -> component.
 MODULES = {
     "resp.py": "framing",
-    "session.py": "session", "commands.py": "session",
+    "session.py": "session", "session_fast.py": "session", "session_auth.py": "session",
+    "session_multi_pubsub.py": "session", "session_recovery.py": "session", "session_replies.py": "session",
+    "session_events.py": "session", "commands.py": "session",
     "acl.py": "acl", "acl_roles.py": "acl", "acl_log.py": "acl", "keyspec.py": "acl", "globmatch.py": "acl",
     "command_table.py": "acl",
     "observe.py": "observe", "metrics.py": "observe", "aggregate.py": "observe", "status.py": "observe",
@@ -428,7 +430,7 @@ COMPONENTS = {
     "uvloop": "event loop: uvloop/libuv (C)",
     "hiredis": "RESP framing: hiredis (C)",
     "framing": "RESP framing: resp.py (Python)",
-    "session": "session state machine: session.py (Python)",
+    "session": "session state machine: session*.py (Python)",
     "glue": "asyncio glue: proxy.py, server.py (Python)",
     "acl": "ACL checks: acl.py, keyspec.py, globmatch.py",
     "observe": "observation: observe.py, metrics.py, prometheus_client",
