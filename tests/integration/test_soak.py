@@ -37,7 +37,7 @@ import redis
 
 from brokerproxy import resp
 from tests.conftest import ABANDONED_CLIENT_SOCKETS, ProxyProcess, RedisServer, free_port
-from tests.integration.test_celery_e2e import RESULT_DB, Stack
+from tests.integration.test_celery_e2e import BROKER_DB, RESULT_DB, Stack
 from tests.integration.test_faults import (
     HALF_FRAMES,
     NO_RETRY,
@@ -66,6 +66,8 @@ SAMPLE_EVERY = 3.0
 RSS_TOLERANCE = 20 * 1024 * 1024
 FD_TOLERANCE = 50
 MIB = 1024 * 1024
+#: The Celery worker's concurrency; with prefetch multiplier 1 (the Stack's workers), also its prefetch slots.
+WORKER_SLOTS = 2
 
 
 def _argv_minutes() -> float:
@@ -426,6 +428,11 @@ def write_report(prefix: str, figures: dict[str, Any]) -> None:
         f"| tasks accepted (apply_async returned) | {cel['accepted']} |",
         f"| accepted tasks with a result in db {RESULT_DB} | {cel['ran']} |",
         f"| accepted tasks without a result | {cel['missing']} |",
+        f"| of which still in Redis (queue or unacked), not run | {cel.get('still_queued', '-')} |",
+        f"| **of which not in Redis either** (popped as Redis died, or ran with its result write cut by a kill) "
+        f"| **{cel.get('lost', '-')}** |",
+        f"| failed acks (kombu's `Couldn't ack`) | {cel.get('failed_acks', '-')} |",
+        f"| worker stalled by kombu's prefetch-slot leak | {cel.get('stalled_by_kombu_slot_leak', '-')} |",
         f"| apply_async errors | {cel['publish_errors']} |",
         f"| worker exits (restarted each time) | {cel['worker_exits']} |",
         f"| worker survived the whole run | {cel['worker_survived']} |",
@@ -450,7 +457,6 @@ def write_report(prefix: str, figures: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the soak
-
 
 
 @pytest.mark.filterwarnings(ABANDONED_CLIENT_SOCKETS)
@@ -480,7 +486,7 @@ def test_soak(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     threads: list[threading.Thread] = []
     failures: list[str] = []
     try:
-        worker = stack.worker("celery", concurrency=2, prefix="soak")
+        worker = stack.worker("celery", concurrency=WORKER_SLOTS, prefix="soak")
         worker.wait_ready(stack.app())
         direct = server.client()
 
@@ -529,7 +535,7 @@ def test_soak(request: pytest.FixtureRequest, tmp_path: Path) -> None:
             if worker.proc.poll() is not None:
                 worker_exits.append(worker.proc.returncode)
                 print(f"[soak] the Celery worker exited with {worker.proc.returncode}: restarting it", flush=True)
-                worker = stack.worker("celery", concurrency=2, prefix="soak")
+                worker = stack.worker("celery", concurrency=WORKER_SLOTS, prefix="soak")
             if time.monotonic() - last_confirm > 30:
                 last_confirm = time.monotonic()
                 try:
@@ -591,20 +597,36 @@ def test_soak(request: pytest.FixtureRequest, tmp_path: Path) -> None:
             if worker.proc.poll() is not None:
                 worker_exits.append(worker.proc.returncode)
                 print(f"[soak] the Celery worker exited with {worker.proc.returncode}: restarting it", flush=True)
-                worker = stack.worker("celery", concurrency=2, prefix="soak")
+                worker = stack.worker("celery", concurrency=WORKER_SLOTS, prefix="soak")
             time.sleep(2)
             previous, missing = len(missing), missing_results()
             if len(missing) == previous and time.monotonic() > deadline - 60:
                 break  # nothing moves any more
         worker_survived = not worker_exits and worker.proc.poll() is None
+        # What became of the tasks with no result: still in Redis (the queue, or kombu's unacked hash, whence the
+        # visibility timeout restores them), or not (popped as Redis died, or run with the result write cut by a kill).
+        broker = server.client(db=BROKER_DB)
+        held = b"".join([*broker.lrange("celery", 0, -1), *broker.hvals("unacked")])  # type: ignore[list-item]
+        tasks_queued = [tid for tid in missing if tid.encode() in held]
+        lost_tasks = [tid for tid in missing if tid.encode() not in held]
+        # kombu frees a prefetch slot only when an ack succeeds: an ack in flight when Redis is killed fails (through
+        # the proxy as straight to Redis) and its slot is gone until the worker restarts its consumer. With every slot
+        # gone the worker, alive, consumes nothing more (see restart_scenario in test_reattach.py, and README).
+        failed_acks = sum(log.read_text(errors="replace").count("Couldn't ack") for log in tmp_path.glob("soak-*.log"))
+        stalled_by_kombu = worker_survived and failed_acks >= WORKER_SLOTS
         # A pop Redis runs in the instant it is killed -9, before its reply leaves, is lost with any client (kombu
         # records a message as unacked only once the reply has arrived; the append-only file has the pop): at most
         # one per kill is Redis's and kombu's, not the proxy's.
         kills = faults.counts["redis_killed"]
-        if len(missing) > kills and worker_survived:
+        if len(lost_tasks) > kills:
             failures.append(
-                f"{len(missing)} accepted Celery tasks never ran ({kills} Redis kills), the worker stayed up: "
-                f"{missing[:20]}"
+                f"{len(lost_tasks)} accepted Celery tasks have no result and are not in Redis: {lost_tasks[:20]}"
+            )
+        if tasks_queued and worker_survived and not stalled_by_kombu:
+            failures.append(
+                f"{len(tasks_queued)} accepted Celery tasks queued; the worker, alive, stopped consuming with "
+                f"{failed_acks} failed acks (fewer than its {WORKER_SLOTS} prefetch slots: not kombu's slot leak): "
+                f"{tasks_queued[:20]}"
             )
 
         # ---- the proxy: alive, flat, clean log
@@ -661,6 +683,10 @@ def test_soak(request: pytest.FixtureRequest, tmp_path: Path) -> None:
                 "ran": len(celery_producer.accepted) - len(missing),
                 "missing": len(missing),
                 "missing_ids": missing[:200],
+                "still_queued": len(tasks_queued),
+                "lost": len(lost_tasks),
+                "failed_acks": failed_acks,
+                "stalled_by_kombu_slot_leak": stalled_by_kombu,
                 "publish_errors": dict(celery_producer.errors),
                 "worker_exits": len(worker_exits),
                 "worker_exit_codes": worker_exits,
