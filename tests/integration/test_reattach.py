@@ -343,10 +343,17 @@ def restart_scenario(tmp_path: Path, through_proxy: bool) -> dict[str, object]:
             time.sleep(0.5)
         runs = ran.lrange("ran", 0, -1)
         log = worker.log_tail(100_000)
+        # Tasks the worker received and failed on a connection error of its own, before their body ran: with
+        # task_track_started, Celery stores STARTED first, and a result-backend command whose connection dies under
+        # it fails the task (result_backend_always_retry is off by default), through the proxy as straight to Redis.
+        # Celery reports them as failed; they are not lost in silence.
+        failed = set(re.findall(r"Task e2e\.record\[([0-9a-f-]+)\] raised unexpected: network:ConnectionError", log))
+        never = [a for a in accepted if a not in done()]
         return {
             "accepted": len(accepted), "ran": len(set(accepted) & done()), "runs": len(runs),
-            "lost": [a for a in accepted if a not in done()], "worker_alive": worker.proc.poll() is None,
-            "unrecoverable": "Unrecoverable error" in log, "failed_acks": log.count("Couldn't ack"), "log": log,
+            "lost": [a for a in never if a not in failed], "failed_on_connection_error": len(set(never) & failed),
+            "worker_alive": worker.proc.poll() is None, "unrecoverable": "Unrecoverable error" in log,
+            "failed_acks": log.count("Couldn't ack"), "log": log,
         }  # fmt: skip
     except BaseException:
         print(stack.diag())
@@ -366,12 +373,13 @@ def test_celery_worker_survives_redis_restarts(tmp_path: Path) -> None:
     # most one such message per kill; anything more is the proxy's (seen: 0 in most runs, 1 in about one in four;
     # straight to Redis, 6 in the same scenario: test_restarts_direct_versus_through_the_proxy).
     assert len(lost) <= KILLS, (
-        f"{len(lost)} of {r['accepted']} accepted tasks never ran ({r['failed_acks']} failed acks): {lost[:10]}"
+        f"{len(lost)} of {r['accepted']} accepted tasks never ran ({r['failed_acks']} failed acks, "
+        f"{r['failed_on_connection_error']} failed by Celery on a connection error): {lost[:10]}"
     )
     assert r["worker_alive"], r["log"]
     assert not r["unrecoverable"]
     assert isinstance(r["accepted"], int) and r["accepted"] > 200
-    print(f"{r['accepted']} accepted, {r['runs']} runs")
+    print(f"{r['accepted']} accepted, {r['runs']} runs, {r['failed_on_connection_error']} failed on a connection error")
 
 
 @pytest.mark.slow
@@ -385,7 +393,7 @@ def test_restarts_direct_versus_through_the_proxy(tmp_path: Path) -> None:
         print(
             f"{'through the proxy' if through else 'straight to Redis'}: worker alive {r['worker_alive']}, "
             f"unrecoverable error {r['unrecoverable']}, {r['ran']} of {r['accepted']} accepted tasks ran, "
-            f"{r['failed_acks']} failed acks"
+            f"{r['failed_acks']} failed acks, {r['failed_on_connection_error']} failed by Celery on a connection error"
         )
         if through:  # what test_celery_worker_survives_redis_restarts asserts, as the README reports it
             assert r["worker_alive"] and not r["unrecoverable"]
