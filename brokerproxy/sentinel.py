@@ -400,12 +400,17 @@ class SentinelWatcher:
             await asyncio.gather(*children, return_exceptions=True)
 
     async def close(self) -> None:
-        """Stop following: cancel and await every task the watcher started."""
+        """Stop following: cancel and await every task the watcher started.
+
+        Cancelled again until each has ended: on Python 3.11 ``asyncio.wait_for`` can swallow a cancellation that
+        arrives as its inner wait completes (a Sentinel's message, the doubt event), and the loop it sits in would
+        then run on; the loops also stop at ``_closed``. Seen as a close that never returned, under load."""
         self._closed.set()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=1.0)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -419,7 +424,7 @@ class SentinelWatcher:
             log.error("sentinel task failed", extra={"task": task.get_name(), "error": repr(task.exception())})
 
     async def _requery_loop(self) -> None:
-        while True:
+        while not self._closed.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._doubt.wait(), self._requery_interval)
             self._doubt.clear()
@@ -451,7 +456,7 @@ class SentinelWatcher:
 
     async def _subscription(self, sentinel: Address) -> None:
         delay = RECONNECT_MIN
-        while True:
+        while not self._closed.is_set():
             try:
                 await self._subscribe_once(sentinel)
                 error = "closed the connection"
@@ -495,7 +500,7 @@ class SentinelWatcher:
             for value in replies[len(auth) + 2 :]:  # read together with the confirmations
                 await self._on_frame(value, sentinel)
             pinged = False
-            while True:
+            while not self._closed.is_set():
                 try:
                     data = await asyncio.wait_for(
                         reader.read(65536), self._timeout if pinged else SUBSCRIPTION_PING_INTERVAL
