@@ -227,7 +227,16 @@ def test_celery_through_a_failover_and_a_killed_master(cluster: SentinelCluster,
         # have reached the replica that replaces it (Redis's own documented limit; the proxy cannot undo it). Such
         # tasks are allowed, only in that instant; anything else missing is a loss.
         def lost_outside_the_kill() -> list[int]:
-            return [i for i in missing() if not killed_at - 0.5 < accepted_at[i] <= killed_at]
+            return [i for i in missing() if not killed_at - 0.5 < accepted_at[i] <= killed_at and not unacked(i)]
+
+        # A task in kombu's unacked hash is not lost: the visibility timeout restores it to the queue. One gets
+        # there when its worker failed it on a connection error before its body ran and its ack failed too (kombu's
+        # limits, through the proxy as straight to Redis: README), seen once in CI under load.
+        def unacked(i: int) -> bool:
+            tid = ids[i].encode()
+            return any(tid in v for v in redis.Redis(port=sentinels_master(cluster).port, db=0).hvals("unacked"))
+
+        ids = {i: r.id for i, r in accepted}  # type: ignore[attr-defined]
 
         try:
             wait_for(lambda: not lost_outside_the_kill(), TIMEOUT * 2, "every accepted task's result")
