@@ -251,6 +251,9 @@ class Config:
     max_clients: int = DEFAULT_MAX_CLIENTS
     #: Carry client connections over to a new upstream connection when Redis goes away (see proxy._try_reattach).
     reattach: bool = True
+    #: After an outage, close the carried-over subscribed and blocked-pop connections of a client (host and user)
+    #: that lost a reply in it, so that a kombu consumer restarts (see Server.reply_lost).
+    reattach_reset_consumers: bool = True
     idle_timeout: float = 0.0  # Redis's timeout: close a client idle this long (never a subscriber or a blocked pop)
     tcp_keepalive: int = DEFAULT_TCP_KEEPALIVE
     client_output_buffer_limit_normal: OutputLimit = OutputLimit()
@@ -409,6 +412,7 @@ SCALARS: dict[str, Any] = {
     "workers": _workers,
     "max_clients": _positive(int),
     "reattach": _bool,
+    "reattach_reset_consumers": _bool,
     "idle_timeout": lambda key, value: _non_negative(key, value),
     "tcp_keepalive": lambda key, value: int(_non_negative(key, value)),
     "client_output_buffer_limit_normal": parse_output_limit,

@@ -75,6 +75,7 @@ CLIENT_REJECTIONS = "brokerproxy_client_rejections_total"
 AUDIT_DROPPED = "brokerproxy_audit_events_dropped_total"
 REATTACHED = "brokerproxy_upstream_reattached_total"
 REATTACH_FAILURES = "brokerproxy_upstream_reattach_failures_total"
+REATTACH_RESETS = "brokerproxy_upstream_reattach_resets_total"
 AUDIT_WRITTEN = "brokerproxy_audit_events_total"
 OUTPUT_LIMIT_DISCONNECTS = "brokerproxy_client_output_limit_disconnects_total"
 IDLE_DISCONNECTS = "brokerproxy_client_idle_disconnects_total"
@@ -116,6 +117,11 @@ METRICS: tuple[Spec, ...] = (
     Spec(
         REATTACH_FAILURES, "counter", ("reason",),
         "Client connections closed when their upstream died, by what they held (pending, multi, subscribed...).",
+    ),
+    Spec(
+        REATTACH_RESETS, "counter", ("state",),
+        "Carried-over subscribed or blocked-pop connections closed after an outage in which a connection of the same "
+        "host and user lost a reply, so that a kombu consumer restarts (reattach_reset_consumers).",
     ),
     Spec(AUDIT_WRITTEN, "counter", (), "Audit trail events written."),
     Spec(AUDIT_DROPPED, "counter", (), "Audit trail events lost to write errors (disk full, unwritable path)."),
@@ -233,6 +239,8 @@ class ObserverCollector(Collector):
             add(REATTACHED, [state], n)
         for reason, n in list(o.reattach_failures.items()):
             add(REATTACH_FAILURES, [reason], n)
+        for state, n in list(o.reattach_resets.items()):
+            add(REATTACH_RESETS, [state], n)
         add(AUDIT_WRITTEN, [], o.audit_written)
         add(AUDIT_DROPPED, [], o.audit_dropped)
         for reason, n in list(o.client_rejections.items()):

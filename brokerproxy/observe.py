@@ -321,6 +321,7 @@ class Observer:
         self.idle_disconnects = 0
         self.reattached_total: dict[str, int] = {}  # state: idle, blocked_pop
         self.reattach_failures: dict[str, int] = {}  # reason: pending, multi, watch, subscribed...
+        self.reattach_resets: dict[str, int] = {}  # state: subscribed, blocked_pop
         self.audit_written = 0  # copied from the audit trail at scrape time (server)
         self.audit_dropped = 0
         self.tls_handshake_failures: dict[tuple[str, str], int] = {}  # (listener, reason)
@@ -868,6 +869,9 @@ class Observer:
 
     def reattach_failed(self, reason: str) -> None:
         self.reattach_failures[reason] = self.reattach_failures.get(reason, 0) + 1
+
+    def reattach_reset(self, state: str) -> None:
+        self.reattach_resets[state] = self.reattach_resets.get(state, 0) + 1
 
     def client_rejected(self, reason: str) -> None:
         self.client_rejections[reason] = self.client_rejections.get(reason, 0) + 1

@@ -450,6 +450,8 @@ class ClientConnection(asyncio.Protocol):
                 self._pump()
                 return
             self.server.observer.reattach_failed(state)
+            if state != "closing":
+                self.server.reply_lost(self.peer_host, self.session.user)
         self._master_gone("failover", b"")
 
     def _master_gone(self, why: str, data: bytes) -> None:
@@ -461,7 +463,10 @@ class ClientConnection(asyncio.Protocol):
         null = self.session.timeout_reply()
         if null is not None:
             transport.write(null)
-        log.info("closing a client bound to the old master", extra={"peer": self.peer, "why": why})
+        log.info(
+            "closing a client bound to the old master",
+            extra={"peer": self.peer, "why": why, "owed": self.session.owed()[:5]},
+        )
         self._demoted = True
         self._client_left()
         if data:
@@ -482,6 +487,8 @@ class ClientConnection(asyncio.Protocol):
         out, state = self.session.reattach()
         if out is None:
             server.observer.reattach_failed(state)
+            if state != "closing":
+                server.reply_lost(self.peer_host, self.session.user)
             log.info(
                 "upstream lost; the client's connection is closed",
                 extra={"peer": self.peer, "why": state, "owed": self.session.owed()[:5]},

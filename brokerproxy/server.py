@@ -85,6 +85,7 @@ class Server:
         self._loaded.set()
         self._settled.set()
         self._outage_since: float | None = None  # the upstream was lost under live connections (reattach)
+        self._lost_reply: set[tuple[str, str | None]] = set()  # (peer host, user) that lost a reply (reply_lost)
         self._hold_until = 0.0  # a failover in progress: new upstream connections wait until then (or the switch)
         #: The TLS listener's certificate material and the upstream's (rediss://); reloaded on SIGHUP or file change.
         self.tls = Reloadable("tls", lambda: server_context(config.tls), config.tls) if config.tls_listen else None
@@ -194,6 +195,38 @@ class Server:
             self._loaded.clear()
             self.spawn(self._probe_loaded(), "loading probe")
 
+    def reply_lost(self, peer_host: str, user: str | None) -> None:
+        """A client's connection was closed owing a reply when its upstream went (Redis killed, a failover). To a
+        Celery worker that is most often an ack (MULTI/ZREM/HDEL/EXEC), and kombu frees a prefetch slot only when
+        an ack succeeds: each such ack takes a slot for good, and once ``concurrency`` of them are gone the worker
+        consumes nothing more, alive and silent. Straight to Redis, the same outage also breaks the worker's other
+        connections and its consumer restarts, which resets its slots; carried over, they do not break. So once
+        Redis is back (_reset_consumers), the carried-over subscribed and blocked-pop connections of the same host
+        and user are closed: kombu polls those (the remote-control subscription even with every slot gone), sees
+        the connection error and restarts its consumer, which restores its unacknowledged messages."""
+        if not self.config.reattach_reset_consumers:
+            return
+        self._lost_reply.add((peer_host, user))
+        if self._loaded.is_set():  # no outage probe running (a lone connection lost): ask Redis now
+            self._loaded.clear()
+            self.spawn(self._probe_loaded(), "loading probe")
+
+    def _reset_consumers(self) -> None:
+        lost, self._lost_reply = self._lost_reply, set()
+        if not lost:
+            return
+        for conn in list(self._connections):
+            session = conn.session
+            if (conn.peer_host, session.user) not in lost or not (session.subscribed or session.blocked):
+                continue
+            state = "subscribed" if session.subscribed else "blocked_pop"
+            self.observer.reattach_reset(state)
+            log.info(
+                "closing a carried-over connection of a client that lost a reply, so that its consumer restarts",
+                extra={"peer": conn.peer, "state": state},
+            )
+            conn.close()
+
     async def _probe_loaded(self) -> None:
         """A restarted Redis accepts connections while it loads its data, and answers -LOADING to nearly every
         command meanwhile: to kombu a connection error, on which a Celery worker restarts its consumer (the crash
@@ -215,6 +248,7 @@ class Server:
             log.warning("upstream still loading its data after upstream_wait; carrying on")
         finally:
             self._loaded.set()
+            self._reset_consumers()
 
     async def upstream_loaded(self, deadline: float) -> None:
         """Return once Redis has loaded its data after an outage (see _probe_loaded), or at ``deadline``."""

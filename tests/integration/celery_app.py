@@ -102,6 +102,14 @@ def make_app(broker_url: str, result_url: str | None, state_url: str | None, *, 
         state().rpush(key, self.request.id)
         return str(self.request.id)
 
+    @app.task(shared=False, name="e2e.pause", acks_late=True, ignore_result=True, track_started=False)
+    def pause(marker: str, seconds: float) -> None:
+        """Creates the file ``marker``, then sleeps: a test freezes Redis meanwhile, so that the ack that follows is
+        in flight when Redis dies (no result and no STARTED state: the ack is the first command after the body)."""
+        with open(marker, "a"):
+            pass
+        time.sleep(seconds)
+
     @app.task(shared=False, bind=True, name="e2e.whereami")
     def whereami(self: Any) -> dict[str, Any]:
         info = self.request.delivery_info or {}

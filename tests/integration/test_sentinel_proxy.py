@@ -171,9 +171,9 @@ def test_celery_through_a_failover_and_a_killed_master(cluster: SentinelCluster,
     try:
         proxy.wait_ready()
         app = stack.app()
-        # One prefetch slot more than there are master changes: kombu never frees the slot of an ack that failed
-        # because its master went away (see restart_scenario in test_reattach.py).
-        worker = stack.worker("celery", concurrency=3)
+        # Two prefetch slots for two master changes: an ack cut by a failover takes its slot for good until the
+        # consumer restarts, which the proxy brings about (see test_worker_whose_ack_was_lost_consumes_again).
+        worker = stack.worker("celery", concurrency=2)
         worker.wait_ready(app)
         # The producer has no result backend: results are read straight from Redis below, so no Pub/Sub result
         # listener of the test's own sits through the failovers.
@@ -238,17 +238,28 @@ def test_celery_through_a_failover_and_a_killed_master(cluster: SentinelCluster,
 
         ids = {i: r.id for i, r in accepted}  # type: ignore[attr-defined]
 
+        # kombu pops a message (BRPOP), then records it as unacknowledged (MULTI ZADD HSET EXEC): a master change that
+        # cuts that write loses the message before the worker logs it as received, through the proxy as straight to
+        # Redis (seen once under load). The proxy logs every connection it closes owing replies, with what they were.
+        def unexplained() -> list[int]:
+            lost = lost_outside_the_kill()
+            cut = sum(1 for line in proxy.logs().splitlines() if '"owed"' in line and '"zadd"' in line)
+            log = worker.log_tail(100_000)
+            never_received = [i for i in lost if f"[{ids[i]}] received" not in log]
+            return lost if len(never_received) > cut else [i for i in lost if i not in never_received]
+
         try:
-            wait_for(lambda: not lost_outside_the_kill(), TIMEOUT * 2, "every accepted task's result")
+            wait_for(lambda: not unexplained(), TIMEOUT * 2, "every accepted task's result")
             at_kill = missing()
             print(f"{len(accepted)} accepted; {len(at_kill)} acknowledged by the master in its last 0.5 s lost")
         except AssertionError:
-            lost = lost_outside_the_kill()
+            lost = unexplained()
             broker = redis.Redis(port=sentinels_master(cluster).port, db=0)
             ids = {i: r.id for i, r in accepted}  # type: ignore[attr-defined]
             where = {
                 i: ("unacked" if any(ids[i].encode() in v for v in broker.hvals("unacked")) else "")
                 + ("queued" if any(ids[i].encode() in v for v in broker.lrange("celery", 0, -1)) else "")
+                + ("received" if f"[{ids[i]}] received" in worker.log_tail(100_000) else "")
                 for i in lost
             }
             raise AssertionError(f"{len(lost)} of {len(accepted)} accepted tasks have no result: {where}") from None
