@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import getpass
 import hashlib
@@ -31,7 +32,7 @@ from . import __version__
 from .config import DEFAULT_LISTEN, DEFAULT_UPSTREAM, LOG_LEVELS, Address, Config, Upstream, load
 from .errors import ConfigError, UpstreamError
 from .server import Server
-from .supervisor import WORKER_FLAG, Outcome, Supervisor
+from .supervisor import WORKER_FLAG, Outcome, Supervisor, lost_line, parse_lost_line
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -245,7 +246,8 @@ def _worker_channel(value: str) -> tuple[int, socket.socket]:
 
 def _report_ready(server: Server, channel: socket.socket) -> None:
     """Tell the supervisor this worker serves (and where its metrics are), then watch the channel: its end means the
-    supervisor is gone, and the worker drains rather than outlive it."""
+    supervisor is gone, and the worker drains rather than outlive it. The channel also carries lost replies both ways
+    (``lost`` lines, see Server.reply_lost): a client's connections may be spread over the workers."""
     ports = server.metrics_ports
     try:
         channel.sendall(f"ready {ports[0] if ports else 0}\n".encode())
@@ -254,6 +256,14 @@ def _report_ready(server: Server, channel: socket.socket) -> None:
         return
     channel.setblocking(False)
     loop = asyncio.get_running_loop()
+    pending = bytearray()
+
+    def relay(host: str, user: str | None) -> None:
+        # A few bytes, rarely (an outage): a full socket buffer would mean a supervisor that reads nothing any more.
+        with contextlib.suppress(OSError):
+            channel.send(lost_line(host, user))
+
+    server.relay_reply_lost = relay
 
     def readable() -> None:
         try:
@@ -264,7 +274,17 @@ def _report_ready(server: Server, channel: socket.socket) -> None:
             data = b""
         if not data:
             loop.remove_reader(channel.fileno())
+            server.relay_reply_lost = None
             server.request_stop("supervisor exited")
+            return
+        pending.extend(data)
+        while (end := pending.find(b"\n")) >= 0:
+            lost = parse_lost_line(bytes(pending[:end]))
+            del pending[: end + 1]
+            if lost is not None:
+                server.reply_lost(*lost, relayed=True)
+        if len(pending) > 65536:  # not a line of ours
+            pending.clear()
 
     loop.add_reader(channel.fileno(), readable)
 

@@ -86,6 +86,9 @@ class Server:
         self._settled.set()
         self._outage_since: float | None = None  # the upstream was lost under live connections (reattach)
         self._lost_reply: set[tuple[str, str | None]] = set()  # (peer host, user) that lost a reply (reply_lost)
+        #: --workers: tells the other workers of a lost reply (through the supervisor), since the client's other
+        #: connections may have been spread over them (cli._report_ready).
+        self.relay_reply_lost: Callable[[str, str | None], None] | None = None
         self._hold_until = 0.0  # a failover in progress: new upstream connections wait until then (or the switch)
         #: The TLS listener's certificate material and the upstream's (rediss://); reloaded on SIGHUP or file change.
         self.tls = Reloadable("tls", lambda: server_context(config.tls), config.tls) if config.tls_listen else None
@@ -195,7 +198,7 @@ class Server:
             self._loaded.clear()
             self.spawn(self._probe_loaded(), "loading probe")
 
-    def reply_lost(self, peer_host: str, user: str | None) -> None:
+    def reply_lost(self, peer_host: str, user: str | None, relayed: bool = False) -> None:
         """A client's connection was closed owing a reply when its upstream went (Redis killed, a failover). To a
         Celery worker that is most often an ack (MULTI/ZREM/HDEL/EXEC), and kombu frees a prefetch slot only when
         an ack succeeds: each such ack takes a slot for good, and once ``concurrency`` of them are gone the worker
@@ -207,6 +210,8 @@ class Server:
         if not self.config.reattach_reset_consumers:
             return
         self._lost_reply.add((peer_host, user))
+        if not relayed and self.relay_reply_lost is not None:
+            self.relay_reply_lost(peer_host, user)
         if self._loaded.is_set():  # no outage probe running (a lone connection lost): ask Redis now
             self._loaded.clear()
             self.spawn(self._probe_loaded(), "loading probe")

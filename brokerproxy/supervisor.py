@@ -10,7 +10,10 @@ private loopback port (``127.0.0.1:0``) instead of ``metrics_listen``.
 
 The channel is one end of a socketpair each worker inherits. Once its listeners are up and its signal handlers
 installed, the worker writes ``ready <metrics port>`` on it; then it only watches it: end of file means the
-supervisor is gone (even by SIGKILL), and the worker drains and exits rather than outlive it. Workers run in sessions
+supervisor is gone (even by SIGKILL), and the worker drains and exits rather than outlive it. It also carries
+``lost`` lines both ways: a worker that closed a client's connection owing a reply when Redis went tells the
+supervisor, which tells the other workers, so that each closes that client's carried-over subscribers once Redis is
+back (Server.reply_lost: a Celery worker's connections are spread over the proxy's workers). Workers run in sessions
 of their own, so that a terminal's Ctrl-C reaches the supervisor alone, which forwards it once.
 
 Lifecycle. Every worker must report ready within ``STARTUP_TIMEOUT``, or the supervisor stops the others and fails
@@ -79,6 +82,32 @@ WORKER_METRICS_HOST: Final = "127.0.0.1"
 WORKER_FLAG: Final = "--_worker-channel"
 
 Outcome = Literal["clean", "unclean", "start", "config", "interrupted"]
+
+#: The longest line a worker sends after ``ready`` (a lost reply: host and user); longer ones are dropped.
+MAX_CHANNEL_LINE: Final = 4096
+
+
+def lost_line(host: str, user: str | None) -> bytes:
+    """The channel line that tells of a reply lost to a client (Server.reply_lost), worker to supervisor to the
+    other workers: a Celery worker's connections are spread over the proxy's workers by the kernel, so the one
+    that lost the ack is rarely the one that holds the subscription to close."""
+    return b"lost " + json.dumps([host, user]).encode() + b"\n"
+
+
+def parse_lost_line(line: bytes) -> tuple[str, str | None] | None:
+    """(host, user) of a ``lost`` line; None for anything else."""
+    if not line.startswith(b"lost "):
+        return None
+    try:
+        fields = json.loads(line[5:])
+    except ValueError:
+        return None
+    if not isinstance(fields, list) or len(fields) != 2:
+        return None
+    host, user = fields
+    if not isinstance(host, str) or not (user is None or isinstance(user, str)):
+        return None
+    return host, user
 
 
 def restart_delay(failures: int) -> float:
@@ -277,6 +306,7 @@ class Supervisor:
             elif w.hup_pending:
                 self._signal(w, signal.SIGHUP)
             w.hup_pending = False
+            self._spawn(self._relay(w, reader), f"relay {w.index}")
             return True
         if proc.returncode is None:
             log.error("worker did not report ready in time; killing it", extra={"worker": w.index, "pid": proc.pid})
@@ -285,6 +315,23 @@ class Supervisor:
             await proc.wait()
         w.state = "restarting"
         return False
+
+    async def _relay(self, w: Worker, reader: asyncio.StreamReader) -> None:
+        """Pass each lost reply worker ``w`` tells of to every other running worker, until its channel ends."""
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await reader.readexactly(exc.consumed)  # not a line of ours: skip it
+                continue
+            except (asyncio.IncompleteReadError, OSError):
+                return
+            lost = parse_lost_line(line[:-1]) if len(line) <= MAX_CHANNEL_LINE else None
+            if lost is None:
+                continue
+            for other in self.workers:
+                if other is not w and other.running and other.channel is not None:
+                    other.channel.write(lost_line(*lost))
 
     async def _supervise(self, w: Worker) -> None:
         """Keep slot ``w`` filled until the supervisor stops."""

@@ -252,6 +252,38 @@ def test_two_workers_share_the_port_and_metrics_add_up(start_group: Callable[...
     assert g.stop() == 0
 
 
+def test_a_lost_reply_resets_the_clients_subscribers_in_every_worker(
+    start_group: Callable[..., Group], redis_server: RedisServer
+) -> None:
+    """The kernel spreads a client's connections over the workers: the one that lost a reply (a Celery worker's ack,
+    when Redis died) is seldom in the worker that holds the client's subscription, whose closing makes kombu restart
+    its consumer (see test_reattach.py). Each worker tells the others, through the supervisor."""
+    g = start_group()
+    subscribers: list[socket.socket] = []
+
+    def per_worker() -> list[float]:
+        return [g.scrape_worker(i).get("brokerproxy_client_connections", 0, listener="main") for i in (0, 1)]
+
+    while not all(per_worker()):  # until both workers hold a subscriber (one more each time: 1 in 2 stays put)
+        assert len(subscribers) < 40, per_worker()
+        s = socket.create_connection(("127.0.0.1", g.port), timeout=15)
+        s.sendall(b"SUBSCRIBE news\r\n")
+        assert s.recv(100) == b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+        subscribers.append(s)
+    lost = socket.create_connection(("127.0.0.1", g.port), timeout=15)
+    lost.sendall(b"DEBUG SLEEP 5\r\n")  # owed when Redis dies: closed, the reply lost
+    time.sleep(0.3)
+    redis_server.stop(signal.SIGKILL)
+    assert lost.recv(100) == b""
+    redis_server.start()
+    for s in subscribers:  # carried over the outage, then closed once Redis is back: in both workers
+        assert s.recv(100) == b""
+        s.close()
+    lost.close()
+    resets = g.scrape().get("brokerproxy_upstream_reattach_resets_total", state="subscribed")
+    assert resets == len(subscribers)
+
+
 def test_workers_auto_is_one_per_usable_cpu(start_group: Callable[..., Group]) -> None:
     cpus = usable_cpus()
     g = start_group(workers="auto")
