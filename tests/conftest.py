@@ -24,7 +24,7 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--soak-minutes", type=float, default=1.0, help="test_soak's duration (default 1.0)")
+    parser.addoption("--soak-minutes", type=float, default=0.5, help="test_soak's duration (default 0.5)")
     parser.addoption("--soak-report", default=None, help="test_soak writes PREFIX.json and PREFIX.md")
 
 

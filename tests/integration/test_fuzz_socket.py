@@ -933,7 +933,7 @@ def _json_or_none(line: str) -> dict[str, object] | None:
 def test_fuzz_while_celery_runs(workload: Workload) -> None:
     run_fuzz(
         workload,
-        seconds=float(os.environ.get("FUZZ_SECONDS", "20")),
+        seconds=float(os.environ.get("FUZZ_SECONDS", "12")),
         connections=int(os.environ.get("FUZZ_CONNECTIONS", "20")),
     )
 

@@ -9,7 +9,7 @@ losses listed by number); every Celery task whose ``apply_async`` returned has a
 figures; a failure only if tasks are lost while the worker never died — a Redis kill -9 may end the worker, issue
 9); the proxy's RSS and open fds are flat; its log has no traceback and no error line that is not explained.
 
-``--soak-minutes`` sets the duration (1.0 by default, the bounded CI run); ``--soak-report PREFIX`` (or
+``--soak-minutes`` sets the duration (0.5 by default, the bounded CI run); ``--soak-report PREFIX`` (or
 ``SOAK_REPORT``) writes PREFIX.json and PREFIX.md with the figures. ``SOAK_SEED`` replays a run's fault sequence.
 """
 
@@ -50,7 +50,7 @@ from tests.integration.test_faults import (
 )
 from tests.integration.test_fuzz_socket import HUGE_HEADERS, TOKENS, avoid_known_stall, known_error, rss_bytes
 
-DEFAULT_MINUTES = 1.0
+DEFAULT_MINUTES = 0.5
 KEY = "soak:q"
 PIPE_KEY = "soak:pipe"
 BURST_KEY = "soak:burst"
