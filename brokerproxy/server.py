@@ -85,7 +85,9 @@ class Server:
         self._loaded.set()
         self._settled.set()
         self._outage_since: float | None = None  # the upstream was lost under live connections (reattach)
-        self._lost_reply: set[tuple[str, str | None]] = set()  # (peer host, user) that lost a reply (reply_lost)
+        #: (peer host, user) that lost a reply -> the last connection id then (reply_lost): only connections that
+        #: were open then are closed, not those a consumer that restarted on its own has opened since.
+        self._lost_reply: dict[tuple[str, str | None], int] = {}
         #: --workers: tells the other workers of a lost reply (through the supervisor), since the client's other
         #: connections may have been spread over them (cli._report_ready).
         self.relay_reply_lost: Callable[[str, str | None], None] | None = None
@@ -209,7 +211,7 @@ class Server:
         the connection error and restarts its consumer, which restores its unacknowledged messages."""
         if not self.config.reattach_reset_consumers:
             return
-        self._lost_reply.add((peer_host, user))
+        self._lost_reply[(peer_host, user)] = self._connection_ids
         if not relayed and self.relay_reply_lost is not None:
             self.relay_reply_lost(peer_host, user)
         if self._loaded.is_set():  # no outage probe running (a lone connection lost): ask Redis now
@@ -217,12 +219,12 @@ class Server:
             self.spawn(self._probe_loaded(), "loading probe")
 
     def _reset_consumers(self) -> None:
-        lost, self._lost_reply = self._lost_reply, set()
-        if not lost:
+        lost, self._lost_reply = self._lost_reply, {}
+        if not lost or self.draining:
             return
         for conn in list(self._connections):
             session = conn.session
-            if (conn.peer_host, session.user) not in lost or not (session.subscribed or session.blocked):
+            if conn.id > lost.get((conn.peer_host, session.user), 0) or not (session.subscribed or session.blocked):
                 continue
             state = "subscribed" if session.subscribed else "blocked_pop"
             self.observer.reattach_reset(state)
@@ -241,7 +243,8 @@ class Server:
         deadline = loop.time() + max(self.config.upstream_wait, 1.0)
         delay = 0.05
         try:
-            while loop.time() < deadline:
+            # Also ends on a stop: on Python 3.11 wait_for can swallow the drain's cancellation (see sentinel.close).
+            while loop.time() < deadline and not self._stop.is_set():
                 try:
                     (reply,) = await self.side_commands([[b"PING"]])
                     if not reply.startswith(b"-LOADING"):
@@ -250,7 +253,8 @@ class Server:
                     pass  # not up yet, or killed again while we asked
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-            log.warning("upstream still loading its data after upstream_wait; carrying on")
+            if not self._stop.is_set():
+                log.warning("upstream still loading its data after upstream_wait; carrying on")
         finally:
             self._loaded.set()
             self._reset_consumers()
