@@ -259,9 +259,14 @@ def _report_ready(server: Server, channel: socket.socket) -> None:
     pending = bytearray()
 
     def relay(host: str, user: str | None) -> None:
-        # A few bytes, rarely (an outage): a full socket buffer would mean a supervisor that reads nothing any more.
+        # A line per client and outage. A socket buffer too full to take it whole would mean a supervisor that reads
+        # nothing any more: the line is lost (a part of it makes the supervisor's next line unreadable, then ignored).
+        line = lost_line(host, user)
+        sent = 0
         with contextlib.suppress(OSError):
-            channel.send(lost_line(host, user))
+            sent = channel.send(line)
+        if sent != len(line):
+            logging.getLogger("brokerproxy").warning("lost reply not relayed: the supervisor's channel is full")
 
     server.relay_reply_lost = relay
 

@@ -96,6 +96,10 @@ class _UpstreamProtocol(asyncio.Protocol):
         self.owner.resume_client_reading("upstream")
 
 
+#: Why reattach can fail (Session.reattach) where the client's own command or transaction fails with the
+#: connection: a reply owed or half read, MULTI or WATCH in progress. Not MONITOR, tracking, CLIENT REPLY.
+BREAKS_WORK = frozenset({"pending", "partial", "multi", "watch"})
+
 #: The first bytes of a TLS ClientHello (handshake record, SSL 3.0/TLS 1.x): a TLS client on the plaintext port.
 _TLS_HELLO = b"\x16\x03"
 
@@ -373,6 +377,8 @@ class ClientConnection(asyncio.Protocol):
     def upstream_data(self, data: bytes) -> None:
         if self._demoted_marks is not None and not self._left and _demoted_error(data):
             # A demoted master (sentinel://): not an answer to forward but the connection lost under a failover.
+            if self.server.config.reattach and self.session.owed():
+                self.server.reply_lost(self.peer_host, self.session.user)  # the commands owed fail with it
             self._master_gone("demoted", data)
             return
         try:
@@ -450,7 +456,7 @@ class ClientConnection(asyncio.Protocol):
                 self._pump()
                 return
             self.server.observer.reattach_failed(state)
-            if state != "closing":
+            if state in BREAKS_WORK:
                 self.server.reply_lost(self.peer_host, self.session.user)
         self._master_gone("failover", b"")
 
@@ -487,7 +493,7 @@ class ClientConnection(asyncio.Protocol):
         out, state = self.session.reattach()
         if out is None:
             server.observer.reattach_failed(state)
-            if state != "closing":
+            if state in BREAKS_WORK:
                 server.reply_lost(self.peer_host, self.session.user)
             log.info(
                 "upstream lost; the client's connection is closed",
@@ -678,9 +684,18 @@ class ClientConnection(asyncio.Protocol):
         return self.session.user if hasattr(self, "session") else None
 
     def close(self) -> None:
-        """Close the client connection (a reload removed or disabled its user)."""
-        if self.transport is not None and not self._left:
-            self.transport.close()
+        """Close the client connection (a reload removed or disabled its user; a consumer reset). From here on it
+        is a client that left: what Redis still sends for it (a pop's element) is requeued, never written to the
+        closing transport, which would drop it unseen."""
+        transport = self.transport
+        if transport is not None and not self._left:
+            self._client_left()
+            transport.close()
+
+    @property
+    def left(self) -> bool:
+        """The client is gone or being closed: nothing more is written to it."""
+        return self._left
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -91,6 +91,7 @@ class Server:
         #: --workers: tells the other workers of a lost reply (through the supervisor), since the client's other
         #: connections may have been spread over them (cli._report_ready).
         self.relay_reply_lost: Callable[[str, str | None], None] | None = None
+        self._resetting: asyncio.Task[None] | None = None  # _reset_consumers, waiting for Redis to answer
         self._hold_until = 0.0  # a failover in progress: new upstream connections wait until then (or the switch)
         #: The TLS listener's certificate material and the upstream's (rediss://); reloaded on SIGHUP or file change.
         self.tls = Reloadable("tls", lambda: server_context(config.tls), config.tls) if config.tls_listen else None
@@ -201,30 +202,38 @@ class Server:
             self.spawn(self._probe_loaded(), "loading probe")
 
     def reply_lost(self, peer_host: str, user: str | None, relayed: bool = False) -> None:
-        """A client's connection was closed owing a reply when its upstream went (Redis killed, a failover). To a
-        Celery worker that is most often an ack (MULTI/ZREM/HDEL/EXEC), and kombu frees a prefetch slot only when
-        an ack succeeds: each such ack takes a slot for good, and once ``concurrency`` of them are gone the worker
-        consumes nothing more, alive and silent. Straight to Redis, the same outage also breaks the worker's other
-        connections and its consumer restarts, which resets its slots; carried over, they do not break. So once
-        Redis is back (_reset_consumers), the carried-over subscribed and blocked-pop connections of the same host
-        and user are closed: kombu polls those (the remote-control subscription even with every slot gone), sees
-        the connection error and restarts its consumer, which restores its unacknowledged messages."""
-        if not self.config.reattach_reset_consumers:
+        """A client's connection was closed with its command or transaction unfinished when its upstream went
+        (Redis killed, a failover). To a Celery worker that is most often an ack (MULTI/ZREM/HDEL/EXEC), and kombu
+        frees a prefetch slot only when an ack succeeds: each such ack takes a slot for good, and once
+        ``concurrency`` of them are gone the worker consumes nothing more, alive and silent. Straight to Redis, the
+        same outage also breaks the worker's other connections and its consumer restarts, which resets its slots;
+        carried over, they do not break. So once Redis answers again (_reset_consumers), the subscribed and
+        blocked-pop connections that the same host and user had open then are closed: kombu polls those (the
+        remote-control subscription even with every slot gone), sees the connection error and restarts its
+        consumer, which restores its unacknowledged messages."""
+        if not self.config.reattach_reset_consumers or self.draining:
             return
-        self._lost_reply[(peer_host, user)] = self._connection_ids
-        if not relayed and self.relay_reply_lost is not None:
-            self.relay_reply_lost(peer_host, user)
-        if self._loaded.is_set():  # no outage probe running (a lone connection lost): ask Redis now
-            self._loaded.clear()
-            self.spawn(self._probe_loaded(), "loading probe")
+        key = (peer_host, user)
+        fresh = key not in self._lost_reply
+        self._lost_reply[key] = self._connection_ids
+        if fresh and not relayed and self.relay_reply_lost is not None:
+            self.relay_reply_lost(peer_host, user)  # once per client and outage, not once per connection
+        if self._resetting is None:
+            self._resetting = self.spawn(self._reset_consumers(), "consumer reset")
 
-    def _reset_consumers(self) -> None:
+    async def _reset_consumers(self) -> None:
+        try:
+            await self._until_answering()  # down longer than upstream_wait: the reset is due all the same
+        finally:
+            self._resetting = None  # cancelled (a stop): nothing is closed
         lost, self._lost_reply = self._lost_reply, {}
-        if not lost or self.draining:
+        if self.draining:
             return
         for conn in list(self._connections):
             session = conn.session
-            if conn.id > lost.get((conn.peer_host, session.user), 0) or not (session.subscribed or session.blocked):
+            if conn.left or conn.id > lost.get((conn.peer_host, session.user), 0):
+                continue
+            if not (session.subscribed or session.blocked):
                 continue
             state = "subscribed" if session.subscribed else "blocked_pop"
             self.observer.reattach_reset(state)
@@ -234,30 +243,34 @@ class Server:
             )
             conn.close()
 
-    async def _probe_loaded(self) -> None:
-        """A restarted Redis accepts connections while it loads its data, and answers -LOADING to nearly every
-        command meanwhile: to kombu a connection error, on which a Celery worker restarts its consumer (the crash
-        issue 9 is about). PING on a side connection until the answer is not -LOADING (at most upstream_wait), so
-        that carried-over connections resume only then."""
+    async def _until_answering(self) -> bool:
+        """PING on a side connection until Redis answers other than -LOADING (True), for at most upstream_wait (at
+        least 1 s) or until a stop (False)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(self.config.upstream_wait, 1.0)
         delay = 0.05
+        # Also ends on a stop: on Python 3.11 wait_for can swallow the drain's cancellation (see sentinel.close).
+        while loop.time() < deadline and not self._stop.is_set():
+            try:
+                (reply,) = await self.side_commands([[b"PING"]])
+                if not reply.startswith(b"-LOADING"):
+                    return True
+            except (TimeoutError, OSError, ConnectionError, ValueError):
+                pass  # not up yet, or killed again while we asked
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        return False
+
+    async def _probe_loaded(self) -> None:
+        """A restarted Redis accepts connections while it loads its data, and answers -LOADING to nearly every
+        command meanwhile: to kombu a connection error, on which a Celery worker restarts its consumer (the crash
+        issue 9 is about). Wait until it answers (_until_answering), so that carried-over connections resume only
+        then."""
         try:
-            # Also ends on a stop: on Python 3.11 wait_for can swallow the drain's cancellation (see sentinel.close).
-            while loop.time() < deadline and not self._stop.is_set():
-                try:
-                    (reply,) = await self.side_commands([[b"PING"]])
-                    if not reply.startswith(b"-LOADING"):
-                        return
-                except (TimeoutError, OSError, ConnectionError, ValueError):
-                    pass  # not up yet, or killed again while we asked
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
-            if not self._stop.is_set():
+            if not await self._until_answering() and not self._stop.is_set():
                 log.warning("upstream still loading its data after upstream_wait; carrying on")
         finally:
             self._loaded.set()
-            self._reset_consumers()
 
     async def upstream_loaded(self, deadline: float) -> None:
         """Return once Redis has loaded its data after an outage (see _probe_loaded), or at ``deadline``."""

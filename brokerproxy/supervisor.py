@@ -322,7 +322,8 @@ class Supervisor:
             try:
                 line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
-                await reader.readexactly(exc.consumed)  # not a line of ours: skip it
+                with contextlib.suppress(asyncio.IncompleteReadError, OSError):
+                    await reader.readexactly(exc.consumed)  # not a line of ours: skip it
                 continue
             except (asyncio.IncompleteReadError, OSError):
                 return
@@ -330,8 +331,12 @@ class Supervisor:
             if lost is None:
                 continue
             for other in self.workers:
-                if other is not w and other.running and other.channel is not None:
-                    other.channel.write(lost_line(*lost))
+                channel = other.channel
+                if other is w or not other.running or channel is None or channel.is_closing():
+                    continue
+                # A worker that just died (its socket at EOF before its exit is seen) must not end this relay.
+                with contextlib.suppress(RuntimeError, OSError):
+                    channel.write(lost_line(*lost))
 
     async def _supervise(self, w: Worker) -> None:
         """Keep slot ``w`` filled until the supervisor stops."""

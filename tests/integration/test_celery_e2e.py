@@ -90,8 +90,16 @@ class Stack:
         self.apps.append(a)
         return a
 
-    def worker(self, queues: str, *, concurrency: int = 2, events: bool = False, prefix: str = "w") -> Worker:
-        w = Worker(self, queues, concurrency=concurrency, events=events, prefix=prefix)
+    def worker(
+        self,
+        queues: str,
+        *,
+        concurrency: int = 2,
+        events: bool = False,
+        prefix: str = "w",
+        options: tuple[str, ...] = (),
+    ) -> Worker:
+        w = Worker(self, queues, concurrency=concurrency, events=events, prefix=prefix, options=options)
         self.workers.append(w)
         return w
 
@@ -146,7 +154,9 @@ def make_stack(tmp: Path) -> Stack:
 class Worker:
     """``celery worker -P prefork`` in its own process group, logging to a file."""
 
-    def __init__(self, stack: Stack, queues: str, *, concurrency: int, events: bool, prefix: str) -> None:
+    def __init__(
+        self, stack: Stack, queues: str, *, concurrency: int, events: bool, prefix: str, options: tuple[str, ...] = ()
+    ) -> None:
         self.name = f"{prefix}-{uuid.uuid4().hex[:8]}@e2e"
         self.log_path = stack.tmp / f"{self.name}.log"
         argv = [
@@ -156,6 +166,7 @@ class Worker:
         ]
         if events:
             argv.append("-E")
+        argv += options
         env = {**os.environ, **stack.env, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(

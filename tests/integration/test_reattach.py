@@ -302,9 +302,12 @@ def test_lost_reply_closes_that_clients_consumer_connections(start_proxy: StartP
     aof_redis.start()
     assert w_sub.recv(100) == b""
     assert w_pop.recv(100) == b""
+    direct = aof_redis.client()
+    direct.rpush("q", "after")  # the closed pop's upstream connection takes nothing more (CLIENT UNBLOCK)
+    time.sleep(0.3)
+    assert direct.lrange("q", 0, -1) == [b"after"]
     w_idle.sendall(b"PING\r\n")
     assert w_idle.recv(100) == b"+PONG\r\n"
-    direct = aof_redis.client()
     deadline = time.monotonic() + 10
     while direct.publish("news", "after") < 1:  # until o_sub is subscribed again on its new upstream connection
         assert time.monotonic() < deadline, "the other user's subscriber was not carried over"
@@ -357,7 +360,9 @@ def test_worker_whose_ack_was_lost_consumes_again(tmp_path: Path) -> None:
         stack.proxy.wait_ready()
         wait_for_port(metrics, proc=stack.proxy.proc)
         app = stack.app()
-        worker = stack.worker("celery", concurrency=1)
+        # No heartbeats: the worker sends them from its main loop every 2 s, and one sent to the frozen Redis would
+        # hold the ack back (the worker then restarts its consumer on the heartbeat's error, not this test's case).
+        worker = stack.worker("celery", concurrency=1, options=("--without-heartbeat",))
         worker.wait_ready(app)
         marker = tmp_path / "marker"
         T(app, "pause").apply_async((str(marker), 1.0))
