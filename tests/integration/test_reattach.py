@@ -205,8 +205,9 @@ def test_pop_left_blocked_in_redis_by_a_network_cut_is_ended(start_proxy: StartP
         (b"MULTI\r\nSET a 1\r\n", "multi"),
         (b"WATCH a\r\n", "watch"),
         (b"MONITOR\r\n", "monitor"),
+        (b"HELLO 3\r\nCLIENT TRACKING ON\r\n", "tracking"),  # Redis's invalidation state: nothing to rebuild
     ],
-    ids=["pending", "multi", "watch", "monitor"],
+    ids=["pending", "multi", "watch", "monitor", "tracking"],
 )
 def test_what_cannot_be_rebuilt_is_closed(
     start_proxy: StartProxy, aof_redis: RedisServer, setup: bytes, reason: str
