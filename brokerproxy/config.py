@@ -251,8 +251,8 @@ class Config:
     max_clients: int = DEFAULT_MAX_CLIENTS
     #: Carry client connections over to a new upstream connection when Redis goes away (see proxy._try_reattach).
     reattach: bool = True
-    #: After an outage, close the subscribed and blocked-pop connections of a client (host and user) whose command
-    #: or transaction it cut, so that a kombu consumer restarts (see Server.reply_lost).
+    #: After an outage, close the subscribed and blocked-pop connections of a client (host and user) whose
+    #: transaction it cut (a kombu ack), so that the kombu consumer restarts (see Server.reply_lost).
     reattach_reset_consumers: bool = True
     idle_timeout: float = 0.0  # Redis's timeout: close a client idle this long (never a subscriber or a blocked pop)
     tcp_keepalive: int = DEFAULT_TCP_KEEPALIVE

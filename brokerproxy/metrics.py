@@ -120,8 +120,8 @@ METRICS: tuple[Spec, ...] = (
     ),
     Spec(
         REATTACH_RESETS, "counter", ("state",),
-        "Carried-over subscribed or blocked-pop connections closed after an outage in which a connection of the same "
-        "host and user lost a reply, so that a kombu consumer restarts (reattach_reset_consumers).",
+        "Carried-over subscribed or blocked-pop connections closed after an outage that cut a transaction of the same "
+        "host and user (a kombu ack), so that the kombu consumer restarts (reattach_reset_consumers).",
     ),
     Spec(AUDIT_WRITTEN, "counter", (), "Audit trail events written."),
     Spec(AUDIT_DROPPED, "counter", (), "Audit trail events lost to write errors (disk full, unwritable path)."),

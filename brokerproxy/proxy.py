@@ -96,9 +96,10 @@ class _UpstreamProtocol(asyncio.Protocol):
         self.owner.resume_client_reading("upstream")
 
 
-#: Why reattach can fail (Session.reattach) where the client's own command or transaction fails with the
-#: connection: a reply owed or half read, MULTI or WATCH in progress. Not MONITOR, tracking, CLIENT REPLY.
-BREAKS_WORK = frozenset({"pending", "partial", "multi", "watch"})
+#: Why reattach can fail (Session.reattach) with a transaction of the client's cut: MULTI or WATCH in progress.
+_IN_TRANSACTION = frozenset({"multi", "watch"})
+#: Owed replies that mean a transaction was cut (its EXEC sent, or MULTI and all in one pipeline).
+_TRANSACTION_REPLIES = frozenset({"multi", "exec"})
 
 #: The first bytes of a TLS ClientHello (handshake record, SSL 3.0/TLS 1.x): a TLS client on the plaintext port.
 _TLS_HELLO = b"\x16\x03"
@@ -377,8 +378,8 @@ class ClientConnection(asyncio.Protocol):
     def upstream_data(self, data: bytes) -> None:
         if self._demoted_marks is not None and not self._left and _demoted_error(data):
             # A demoted master (sentinel://): not an answer to forward but the connection lost under a failover.
-            if self.server.config.reattach and self.session.owed():
-                self.server.reply_lost(self.peer_host, self.session.user)  # the commands owed fail with it
+            if self.server.config.reattach:
+                self._note_cut_transaction("demoted")
             self._master_gone("demoted", data)
             return
         try:
@@ -456,8 +457,7 @@ class ClientConnection(asyncio.Protocol):
                 self._pump()
                 return
             self.server.observer.reattach_failed(state)
-            if state in BREAKS_WORK:
-                self.server.reply_lost(self.peer_host, self.session.user)
+            self._note_cut_transaction(state)
         self._master_gone("failover", b"")
 
     def _master_gone(self, why: str, data: bytes) -> None:
@@ -479,6 +479,14 @@ class ClientConnection(asyncio.Protocol):
             self.upstream_data(data)
         transport.close()
 
+    def _note_cut_transaction(self, state: str) -> None:
+        """This connection closes with a transaction of the client's cut (MULTI or WATCH in progress, or EXEC's reply
+        owed): tell the server, which resets the client's consumer connections once Redis answers (reply_lost).
+        kombu acks, rejects and records deliveries in transactions; an ack that fails leaks a prefetch slot. Other
+        commands cut (a producer's LPUSH) leak nothing, and resetting for them would restart consumers for nothing."""
+        if state in _IN_TRANSACTION or any(name in _TRANSACTION_REPLIES for name in self.session.owed()):
+            self.server.reply_lost(self.peer_host, self.session.user)
+
     def _try_reattach(self) -> bool:
         """Redis went away under a live client: carry the connection over to a new upstream connection where the
         session can rebuild what it holds (issue 9); False where it cannot (the caller closes the client)."""
@@ -493,8 +501,7 @@ class ClientConnection(asyncio.Protocol):
         out, state = self.session.reattach()
         if out is None:
             server.observer.reattach_failed(state)
-            if state in BREAKS_WORK:
-                server.reply_lost(self.peer_host, self.session.user)
+            self._note_cut_transaction(state)
             log.info(
                 "upstream lost; the client's connection is closed",
                 extra={"peer": self.peer, "why": state, "owed": self.session.owed()[:5]},

@@ -202,7 +202,7 @@ class Server:
             self.spawn(self._probe_loaded(), "loading probe")
 
     def reply_lost(self, peer_host: str, user: str | None, relayed: bool = False) -> None:
-        """A client's connection was closed with its command or transaction unfinished when its upstream went
+        """A client's connection was closed with a transaction of its cut when its upstream went
         (Redis killed, a failover). To a Celery worker that is most often an ack (MULTI/ZREM/HDEL/EXEC), and kombu
         frees a prefetch slot only when an ack succeeds: each such ack takes a slot for good, and once
         ``concurrency`` of them are gone the worker consumes nothing more, alive and silent. Straight to Redis, the
@@ -238,7 +238,7 @@ class Server:
             state = "subscribed" if session.subscribed else "blocked_pop"
             self.observer.reattach_reset(state)
             log.info(
-                "closing a carried-over connection of a client that lost a reply, so that its consumer restarts",
+                "closing a carried-over connection of a client whose transaction was cut, so its consumer restarts",
                 extra={"peer": conn.peer, "state": state},
             )
             conn.close()

@@ -179,7 +179,8 @@ class Recovery:
         self._slots.append(_Slot(_SWALLOW))
 
     def owed(self) -> list[str]:
-        """The commands whose replies are still owed to the client (for logs)."""
+        """The commands whose replies are still owed to the client (for logs, and to tell a transaction cut by an
+        upstream's death: proxy._note_cut_transaction)."""
         return [s.name or "?" for s in self._slots if s.kind != _SWALLOW and s.hook != "resubscribe"]
 
     def timeout_reply(self) -> bytes | None:

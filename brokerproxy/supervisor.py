@@ -11,7 +11,7 @@ private loopback port (``127.0.0.1:0``) instead of ``metrics_listen``.
 The channel is one end of a socketpair each worker inherits. Once its listeners are up and its signal handlers
 installed, the worker writes ``ready <metrics port>`` on it; then it only watches it: end of file means the
 supervisor is gone (even by SIGKILL), and the worker drains and exits rather than outlive it. It also carries
-``lost`` lines both ways: a worker that closed a client's connection owing a reply when Redis went tells the
+``lost`` lines both ways: a worker that closed a client's connection with a transaction cut when Redis went tells the
 supervisor, which tells the other workers, so that each closes that client's carried-over subscribers once Redis is
 back (Server.reply_lost: a Celery worker's connections are spread over the proxy's workers). Workers run in sessions
 of their own, so that a terminal's Ctrl-C reaches the supervisor alone, which forwards it once.

@@ -272,10 +272,10 @@ passwords = ["o"]
 
 
 def test_lost_reply_closes_that_clients_consumer_connections(start_proxy: StartProxy, aof_redis: RedisServer) -> None:
-    """The rule behind test_worker_whose_ack_was_lost_consumes_again, connection by connection: after an outage in
-    which a connection of user "worker" lost a reply, that user's carried-over subscribed and blocked-pop
-    connections from the same host are closed (kombu then restarts its consumer); its idle connections, and another
-    user's subscriber, are carried over and kept."""
+    """The rule behind test_worker_whose_ack_was_lost_consumes_again, connection by connection: after an outage that
+    cut a transaction of user "worker", that user's carried-over subscribed and blocked-pop connections from the
+    same host are closed (kombu then restarts its consumer); its idle connections, and the subscriber of another
+    user whose plain command was cut, are carried over and kept."""
     p, metrics = proxy_with_metrics(start_proxy, aof_redis, config=TWO_USERS)
 
     def login(user: str, password: str) -> socket.socket:
@@ -294,10 +294,22 @@ def test_lost_reply_closes_that_clients_consumer_connections(start_proxy: StartP
     w_pop, w_idle = login("worker", "w"), login("worker", "w")
     w_pop.sendall(b"BLPOP q 0\r\n")
     w_lost = login("worker", "w")
-    w_lost.sendall(b"DEBUG SLEEP 5\r\n")  # a reply owed when Redis dies: that connection is closed
+    o_lost = login("other", "o")
+    w_lost.sendall(b"MULTI\r\nINCR n\r\n")
+    queued = b""
+    while len(queued) < 14:
+        queued += w_lost.recv(100)
+    assert queued == b"+OK\r\n+QUEUED\r\n"
+    assert aof_redis.proc is not None
+    aof_redis.proc.send_signal(signal.SIGSTOP)
+    # A transaction whose EXEC is owed when Redis dies, as kombu's ack: that connection is closed, and a reset due.
+    w_lost.sendall(b"EXEC\r\n")
+    # A plain command cut (a producer's LPUSH) leaks nothing in kombu: no reset for the other user.
+    o_lost.sendall(b"INCR m\r\n")
     time.sleep(0.3)
     aof_redis.stop(signal.SIGKILL)
     assert w_lost.recv(100) == b""
+    assert o_lost.recv(100) == b""
     assert w_pop.recv(100) == b"*-1\r\n"  # the pop in flight: answered as a timeout, carried over
     w_pop.sendall(b"BLPOP q 0\r\n")  # kombu pops again at once
     aof_redis.start()
@@ -316,7 +328,7 @@ def test_lost_reply_closes_that_clients_consumer_connections(start_proxy: StartP
     assert o_sub.recv(100).startswith(b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nafter\r\n")
     assert metric(metrics, "brokerproxy_upstream_reattach_resets_total", 'state="subscribed"') == 1
     assert metric(metrics, "brokerproxy_upstream_reattach_resets_total", 'state="blocked_pop"') == 1
-    for s in (w_sub, w_pop, w_idle, o_sub, w_lost):
+    for s in (w_sub, w_pop, w_idle, o_sub, w_lost, o_lost):
         s.close()
 
 

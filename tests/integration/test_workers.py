@@ -271,7 +271,14 @@ def test_a_lost_reply_resets_the_clients_subscribers_in_every_worker(
         assert s.recv(100) == b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
         subscribers.append(s)
     lost = socket.create_connection(("127.0.0.1", g.port), timeout=15)
-    lost.sendall(b"DEBUG SLEEP 5\r\n")  # owed when Redis dies: closed, the reply lost
+    lost.sendall(b"MULTI\r\nINCR n\r\n")
+    queued = b""
+    while len(queued) < 14:
+        queued += lost.recv(100)
+    assert queued == b"+OK\r\n+QUEUED\r\n"
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    lost.sendall(b"EXEC\r\n")  # owed when Redis dies, as a kombu ack's: closed, the transaction cut
     time.sleep(0.3)
     redis_server.stop(signal.SIGKILL)
     assert lost.recv(100) == b""
