@@ -108,6 +108,19 @@ class RedisServer:
         return redis.Redis(port=self.port, **kw)
 
 
+def freeze_in_transaction(sock: socket.socket, server: RedisServer) -> None:
+    """Queue ``MULTI``/``INCR`` on ``sock`` (a client of a proxy in front of ``server``), then freeze Redis
+    (SIGSTOP): an ``EXEC`` the caller sends now stays owed until Redis is killed, as a kombu ack's when Redis dies
+    under it."""
+    sock.sendall(b"MULTI\r\nINCR n\r\n")
+    queued = b""
+    while len(queued) < 14:
+        queued += sock.recv(100)
+    assert queued == b"+OK\r\n+QUEUED\r\n"
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+
+
 class ProxyProcess:
     """``python -m brokerproxy`` as users run it, with its JSON log captured to a file."""
 

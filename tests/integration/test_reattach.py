@@ -17,13 +17,21 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.conftest import ABANDONED_CLIENT_SOCKETS, ProxyProcess, RedisServer, free_port, wait_for_port
+from tests.conftest import (
+    ABANDONED_CLIENT_SOCKETS,
+    ProxyProcess,
+    RedisServer,
+    free_port,
+    freeze_in_transaction,
+    wait_for_port,
+)
 
 NO_RETRY = Retry(NoBackoff(), 0)
 KILLS = 3  # Redis restarts in the Celery scenario
@@ -52,7 +60,7 @@ def metric(port: int, name: str, labels: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def proxy_with_metrics(start_proxy: StartProxy, server: RedisServer, **kw: str) -> tuple[ProxyProcess, int]:
+def proxy_with_metrics(start_proxy: StartProxy, server: RedisServer, **kw: Any) -> tuple[ProxyProcess, int]:
     metrics = free_port()
     p = start_proxy(server.url(), "--metrics-listen", f"127.0.0.1:{metrics}", **kw)
     wait_for_port(metrics, proc=p.proc)
@@ -295,13 +303,7 @@ def test_lost_reply_closes_that_clients_consumer_connections(start_proxy: StartP
     w_pop.sendall(b"BLPOP q 0\r\n")
     w_lost = login("worker", "w")
     o_lost = login("other", "o")
-    w_lost.sendall(b"MULTI\r\nINCR n\r\n")
-    queued = b""
-    while len(queued) < 14:
-        queued += w_lost.recv(100)
-    assert queued == b"+OK\r\n+QUEUED\r\n"
-    assert aof_redis.proc is not None
-    aof_redis.proc.send_signal(signal.SIGSTOP)
+    freeze_in_transaction(w_lost, aof_redis)
     # A transaction whose EXEC is owed when Redis dies, as kombu's ack: that connection is closed, and a reset due.
     w_lost.sendall(b"EXEC\r\n")
     # A plain command cut (a producer's LPUSH) leaks nothing in kombu: no reset for the other user.
@@ -329,6 +331,32 @@ def test_lost_reply_closes_that_clients_consumer_connections(start_proxy: StartP
     assert metric(metrics, "brokerproxy_upstream_reattach_resets_total", 'state="subscribed"') == 1
     assert metric(metrics, "brokerproxy_upstream_reattach_resets_total", 'state="blocked_pop"') == 1
     for s in (w_sub, w_pop, w_idle, o_sub, w_lost, o_lost):
+        s.close()
+
+
+def test_consumer_reset_off_keeps_the_subscriber(start_proxy: StartProxy, aof_redis: RedisServer) -> None:
+    """reattach_reset_consumers = false: a cut transaction closes only its own connection; the same client's
+    subscriber is carried over and stays (the behaviour before the reset, for deployments that want it)."""
+    p, metrics = proxy_with_metrics(start_proxy, aof_redis, env={"BROKERPROXY_REATTACH_RESET_CONSUMERS": "false"})
+    sub = socket.create_connection(("127.0.0.1", p.port), timeout=15)
+    sub.sendall(b"SUBSCRIBE news\r\n")
+    assert sub.recv(100) == b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    lost = socket.create_connection(("127.0.0.1", p.port), timeout=15)
+    freeze_in_transaction(lost, aof_redis)
+    lost.sendall(b"EXEC\r\n")
+    time.sleep(0.3)
+    aof_redis.stop(signal.SIGKILL)
+    assert lost.recv(100) == b""
+    aof_redis.start()
+    direct = aof_redis.client()
+    deadline = time.monotonic() + 10
+    while direct.publish("news", "after") < 1:  # subscribed again on its new upstream connection, not closed
+        assert time.monotonic() < deadline, "the subscriber was not carried over"
+        time.sleep(0.05)
+    assert sub.recv(100).startswith(b"*3\r\n$7\r\nmessage\r\n")
+    assert metric(metrics, "brokerproxy_upstream_reattach_resets_total", 'state="subscribed"') == 0
+    assert metric(metrics, "brokerproxy_upstream_reattach_failures_total", 'reason="pending"') == 1
+    for s in (sub, lost):
         s.close()
 
 

@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from brokerproxy.config import usable_cpus
-from tests.conftest import ProxyProcess, RedisServer, free_port
+from tests.conftest import ProxyProcess, RedisServer, free_port, freeze_in_transaction
 from tests.integration.test_celery_e2e import TIMEOUT, Stack, T
 from tests.tls_pki import Pki
 from tests.unit.test_metrics import message
@@ -271,13 +271,7 @@ def test_a_lost_reply_resets_the_clients_subscribers_in_every_worker(
         assert s.recv(100) == b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
         subscribers.append(s)
     lost = socket.create_connection(("127.0.0.1", g.port), timeout=15)
-    lost.sendall(b"MULTI\r\nINCR n\r\n")
-    queued = b""
-    while len(queued) < 14:
-        queued += lost.recv(100)
-    assert queued == b"+OK\r\n+QUEUED\r\n"
-    assert redis_server.proc is not None
-    redis_server.proc.send_signal(signal.SIGSTOP)
+    freeze_in_transaction(lost, redis_server)
     lost.sendall(b"EXEC\r\n")  # owed when Redis dies, as a kombu ack's: closed, the transaction cut
     time.sleep(0.3)
     redis_server.stop(signal.SIGKILL)
